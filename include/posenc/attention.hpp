@@ -1,0 +1,826 @@
+// SPDX-License-Identifier: MIT
+// The one attention kernel every encoder plugs into: a streaming, tiled, threaded kernel whose
+// extra memory is O(tile) (`attention`, `attention_partial`), and the materialising oracle it is
+// tested against (`attention_reference`, `attention_weights`).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "posenc/detail/check.hpp"
+#include "posenc/detail/parallel.hpp"
+#include "posenc/encoding.hpp"
+#include "posenc/mask.hpp"
+#include "posenc/tensor.hpp"
+
+namespace posenc {
+
+/// Options of one attention call. An aggregate: write `{.mask = Mask::none(), .query_offset = 7}`.
+struct AttentionOptions {
+  /// Which keys each query sees, on absolute positions. Causal by default.
+  Mask mask = Mask::causal();
+  /// Absolute position of query row 0 (queries sit at query_offset … query_offset+N−1) when no
+  /// explicit query positions are given. Keys sit at 0 … M−1 unless given explicitly.
+  Index query_offset = 0;
+  /// Explicit absolute positions (packed sequences, evicted caches): N resp. M entries, or empty.
+  Positions query_positions = {};
+  Positions key_positions = {};
+  /// Document ids for packed sequences: a query attends only to keys of its own document.
+  /// Either both empty or N resp. M entries.
+  std::span<const Index> query_segments = {};
+  std::span<const Index> key_segments = {};
+  /// Logit scale; default 1/sqrt(width of the dot product after any QueryKeyTransform).
+  std::optional<double> scale = std::nullopt;
+  /// Threads of the streaming kernel; 0 = OpenMP's default.
+  int threads = 0;
+  /// Tile sizes of the streaming kernel (queries × keys).
+  Index query_block = 128;
+  Index key_block = 128;
+};
+
+/// Attention over a subset of the keys, before normalisation, so that pieces computed
+/// separately (threads, processes, machines) combine exactly with merge_partials.
+/// For query row i of head h: row_max = max_j s_ij over the allowed keys of the subset (−inf if
+/// none), row_sum = Σ_j exp(s_ij − row_max), output = Σ_j exp(s_ij − row_max)·v_j.
+template <class Scalar>
+struct AttentionPartial {
+  Heads<Scalar> output;    // [H, N, Dv], unnormalised
+  Matrix<Scalar> row_max;  // [H, N]
+  Matrix<Scalar> row_sum;  // [H, N]
+
+  /// The attention output output / row_sum; rows with no allowed key are zero.
+  Heads<Scalar> normalized() const {
+    Heads<Scalar> result(output.heads(), output.rows(), output.dim());
+    for (Index h = 0; h < output.heads(); ++h) {
+      for (Index r = 0; r < output.rows(); ++r) {
+        const Scalar sum = row_sum(h, r);
+        if (sum > Scalar(0)) result.head(h).row(r) = output.head(h).row(r) / sum;
+      }
+    }
+    return result;
+  }
+};
+
+/// Combines the partials of two disjoint key subsets into the partial of their union (exact up
+/// to rounding: the online-softmax rescaling). Throws when the shapes differ.
+template <class Scalar>
+AttentionPartial<Scalar> merge_partials(const AttentionPartial<Scalar>& a,
+                                        const AttentionPartial<Scalar>& b) {
+  constexpr const char* fn = "posenc::merge_partials";
+  detail::require(a.output.heads() == b.output.heads() && a.output.rows() == b.output.rows() &&
+                      a.output.dim() == b.output.dim(),
+                  fn, "outputs have shapes [", a.output.heads(), ", ", a.output.rows(), ", ",
+                  a.output.dim(), "] and [", b.output.heads(), ", ", b.output.rows(), ", ",
+                  b.output.dim(), "]");
+  detail::require(
+      a.row_max.rows() == a.output.heads() && a.row_max.cols() == a.output.rows() &&
+          a.row_sum.rows() == a.row_max.rows() && a.row_sum.cols() == a.row_max.cols() &&
+          b.row_max.rows() == a.row_max.rows() && b.row_max.cols() == a.row_max.cols() &&
+          b.row_sum.rows() == a.row_max.rows() && b.row_sum.cols() == a.row_max.cols(),
+      fn, "row_max/row_sum must be [heads, rows] = [", a.output.heads(), ", ", a.output.rows(),
+      "], got a.row_max [", a.row_max.rows(), ", ", a.row_max.cols(), "] and b.row_max [",
+      b.row_max.rows(), ", ", b.row_max.cols(), "]");
+  AttentionPartial<Scalar> merged{Heads<Scalar>(a.output.heads(), a.output.rows(), a.output.dim()),
+                                  Matrix<Scalar>(a.row_max.rows(), a.row_max.cols()),
+                                  Matrix<Scalar>(a.row_max.rows(), a.row_max.cols())};
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  for (Index h = 0; h < a.output.heads(); ++h) {
+    for (Index r = 0; r < a.output.rows(); ++r) {
+      const Scalar ma = a.row_max(h, r);
+      const Scalar mb = b.row_max(h, r);
+      const Scalar m = std::max(ma, mb);
+      merged.row_max(h, r) = m;
+      if (m == minus_infinity) {  // neither subset had an allowed key
+        merged.row_sum(h, r) = Scalar(0);
+        continue;
+      }
+      const Scalar wa = ma == minus_infinity ? Scalar(0) : std::exp(ma - m);
+      const Scalar wb = mb == minus_infinity ? Scalar(0) : std::exp(mb - m);
+      merged.row_sum(h, r) = wa * a.row_sum(h, r) + wb * b.row_sum(h, r);
+      merged.output.head(h).row(r) = wa * a.output.head(h).row(r) + wb * b.output.head(h).row(r);
+    }
+  }
+  return merged;
+}
+
+namespace detail {
+
+/// One validated attention problem: inputs, positions, mask and scale.
+template <class Scalar>
+struct AttentionProblem {
+  HeadsView<const Scalar> q, k, v;
+  Index heads, queries, keys, query_dim, value_dim, logit_dim;
+  Index heads_per_kv_head;
+  Index query_offset;
+  Positions query_positions, key_positions;  // empty: default positions
+  std::span<const Index> query_segments, key_segments;
+  Mask mask;
+  Scalar scale;
+  Index query_block, key_block;
+  int threads;
+
+  Index kv_head(Index h) const { return h / heads_per_kv_head; }
+  Index query_position(Index r) const {
+    return query_positions.empty() ? query_offset + r
+                                   : query_positions[static_cast<std::size_t>(r)];
+  }
+  Index key_position(Index c) const {
+    return key_positions.empty() ? c : key_positions[static_cast<std::size_t>(c)];
+  }
+  bool has_segments() const { return !query_segments.empty(); }
+};
+
+template <class Encoder>
+Index transformed_width(const Encoder& encoder, Index dim) {
+  if constexpr (QueryKeyTransform<Encoder>) {
+    return static_cast<Index>(encoder.transformed_dim(dim));
+  } else {
+    (void)encoder;
+    return dim;
+  }
+}
+
+/// Checks every argument of an attention call and resolves defaults.
+template <class Scalar, class Encoder>
+AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
+                                      HeadsView<const Scalar> k, HeadsView<const Scalar> v,
+                                      const Encoder& encoder, const AttentionOptions& options) {
+  using EncoderScalar = typename encoder_scalar<Encoder>::type;
+  static_assert(std::is_void_v<EncoderScalar> || std::is_same_v<EncoderScalar, Scalar>,
+                "posenc::attention: the encoder's Scalar differs from the scalar of q, k, v");
+  require(q.heads() >= 1, fn, "q must have at least one head, got ", q.heads());
+  require(k.heads() == v.heads(), fn, "k has ", k.heads(), " heads but v has ", v.heads());
+  require(k.heads() >= 1 && q.heads() % k.heads() == 0, fn, "q has ", q.heads(),
+          " heads, which is not a multiple of the ", k.heads(), " heads of k and v");
+  require(q.dim() == k.dim(), fn, "q has dim ", q.dim(), " but k has dim ", k.dim());
+  require(q.dim() >= 1, fn, "q and k must have dim >= 1, got ", q.dim());
+  require(k.rows() == v.rows(), fn, "k has ", k.rows(), " rows but v has ", v.rows());
+  require(options.query_positions.empty() ||
+              static_cast<Index>(options.query_positions.size()) == q.rows(),
+          fn, "query_positions has ", options.query_positions.size(), " entries but q has ",
+          q.rows(), " rows");
+  require(
+      options.key_positions.empty() || static_cast<Index>(options.key_positions.size()) == k.rows(),
+      fn, "key_positions has ", options.key_positions.size(), " entries but k has ", k.rows(),
+      " rows");
+  require(options.query_segments.empty() == options.key_segments.empty(), fn,
+          "query_segments and key_segments must be given together, got ",
+          options.query_segments.size(), " and ", options.key_segments.size(), " entries");
+  require(options.query_segments.empty() ||
+              static_cast<Index>(options.query_segments.size()) == q.rows(),
+          fn, "query_segments has ", options.query_segments.size(), " entries but q has ", q.rows(),
+          " rows");
+  require(
+      options.key_segments.empty() || static_cast<Index>(options.key_segments.size()) == k.rows(),
+      fn, "key_segments has ", options.key_segments.size(), " entries but k has ", k.rows(),
+      " rows");
+  require(options.query_block >= 1 && options.key_block >= 1, fn,
+          "query_block and key_block must be >= 1, got ", options.query_block, " and ",
+          options.key_block);
+  require(options.threads >= 0, fn, "threads must be >= 0 (0 = OpenMP default), got ",
+          options.threads);
+  if (options.scale) {
+    require(std::isfinite(*options.scale) && *options.scale > 0.0, fn,
+            "scale must be finite and positive, got ", *options.scale);
+  }
+  const Index logit_dim = transformed_width(encoder, q.dim());
+  require(logit_dim >= 1, fn, "the encoder's transformed_dim(", q.dim(), ") is ", logit_dim);
+  if constexpr (ScoreBias<Encoder>) {
+    require(static_cast<Index>(encoder.heads()) == q.heads(), fn, "the bias has ", encoder.heads(),
+            " heads but q has ", q.heads());
+  }
+  if constexpr (ScoreMixer<Encoder>) {
+    require(static_cast<Index>(encoder.heads()) == q.heads(), fn, "the mixer has ", encoder.heads(),
+            " heads but q has ", q.heads());
+  }
+  if constexpr (HasValidate<Encoder>) {
+    encoder.validate(AttentionShape{q.heads(), k.heads(), q.rows(), k.rows(), q.dim(), v.dim()});
+  }
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(logit_dim)));
+  return AttentionProblem<Scalar>{q,
+                                  k,
+                                  v,
+                                  q.heads(),
+                                  q.rows(),
+                                  k.rows(),
+                                  q.dim(),
+                                  v.dim(),
+                                  logit_dim,
+                                  q.heads() / k.heads(),
+                                  options.query_offset,
+                                  options.query_positions,
+                                  options.key_positions,
+                                  options.query_segments,
+                                  options.key_segments,
+                                  options.mask,
+                                  static_cast<Scalar>(scale),
+                                  options.query_block,
+                                  options.key_block,
+                                  options.threads};
+}
+
+template <class Scalar>
+void require_output_shape(const char* fn, const HeadsView<Scalar>& out,
+                          const AttentionProblem<Scalar>& p) {
+  require(out.heads() == p.heads && out.rows() == p.queries && out.dim() == p.value_dim, fn,
+          "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(), "] but must be [",
+          p.heads, ", ", p.queries, ", ", p.value_dim, "]");
+}
+
+/// Extreme positions and segment ids of a block of rows.
+struct BlockExtent {
+  Index position_min, position_max, segment_min, segment_max;
+};
+
+template <class PositionOf>
+BlockExtent block_extent(PositionOf position_of, bool sorted, std::span<const Index> segments,
+                         Index first, Index count) {
+  BlockExtent e{position_of(first), position_of(first), 0, 0};
+  if (sorted) {
+    e.position_max = position_of(first + count - 1);
+  } else {
+    for (Index r = first; r < first + count; ++r) {
+      e.position_min = std::min(e.position_min, position_of(r));
+      e.position_max = std::max(e.position_max, position_of(r));
+    }
+  }
+  if (!segments.empty()) {
+    e.segment_min = e.segment_max = segments[static_cast<std::size_t>(first)];
+    for (Index r = first; r < first + count; ++r) {
+      e.segment_min = std::min(e.segment_min, segments[static_cast<std::size_t>(r)]);
+      e.segment_max = std::max(e.segment_max, segments[static_cast<std::size_t>(r)]);
+    }
+  }
+  return e;
+}
+
+/// Mask and segments together, for one tile.
+inline TileCoverage tile_coverage(const Mask& mask, bool segmented, const BlockExtent& queries,
+                                  const BlockExtent& keys) {
+  TileCoverage coverage = mask.classify(queries.position_min, queries.position_max,
+                                        keys.position_min, keys.position_max);
+  if (coverage == TileCoverage::none || !segmented) return coverage;
+  if (queries.segment_max < keys.segment_min || keys.segment_max < queries.segment_min) {
+    return TileCoverage::none;
+  }
+  const bool one_document = queries.segment_min == queries.segment_max &&
+                            keys.segment_min == keys.segment_max &&
+                            queries.segment_min == keys.segment_min;
+  return one_document ? coverage : TileCoverage::partial;
+}
+
+/// Sets the entries of a score tile that the mask or the segments forbid to −inf.
+/// `keys_consecutive`: the key positions are kpos[0], kpos[0]+1, … (the default), so each row's
+/// allowed keys form one column interval.
+template <class Scalar, class Tile>
+void apply_mask(const Mask& mask, Positions qpos, Positions kpos, bool keys_consecutive,
+                std::span<const Index> qseg, std::span<const Index> kseg, Tile& tile) {
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  const Index rows = tile.rows();
+  const Index cols = tile.cols();
+  for (Index r = 0; r < rows; ++r) {
+    const KeyRange range = mask.key_range(qpos[static_cast<std::size_t>(r)]);
+    if (keys_consecutive) {
+      const Index first_key = kpos[0];
+      // Compare in differences so that extreme ranges (±2^63) do not overflow.
+      const Index lo =
+          range.first <= first_key ? 0 : std::min<Index>(range.first - first_key, cols);
+      const Index hi =
+          range.last < first_key ? 0 : std::min<Index>(range.last - first_key, cols - 1) + 1;
+      if (hi <= lo) {
+        tile.row(r).setConstant(minus_infinity);
+      } else {
+        tile.row(r).head(lo).setConstant(minus_infinity);
+        tile.row(r).tail(cols - hi).setConstant(minus_infinity);
+      }
+    } else {
+      for (Index c = 0; c < cols; ++c) {
+        if (!range.contains(kpos[static_cast<std::size_t>(c)])) tile(r, c) = minus_infinity;
+      }
+    }
+    if (!qseg.empty()) {
+      const Index document = qseg[static_cast<std::size_t>(r)];
+      for (Index c = 0; c < cols; ++c) {
+        if (kseg[static_cast<std::size_t>(c)] != document) tile(r, c) = minus_infinity;
+      }
+    }
+  }
+}
+
+/// Online-softmax state of one block of query rows (Milakov & Gimelshein 2018; FlashAttention,
+/// Dao et al. 2022): running max, running sum, unnormalised output.
+template <class Scalar>
+struct OnlineSoftmax {
+  Eigen::Map<Vector<Scalar>> row_max;
+  Eigen::Map<Vector<Scalar>> row_sum;
+  Eigen::Map<Vector<Scalar>> rescale;
+  Eigen::Map<Matrix<Scalar>> output;
+
+  void reset() {
+    row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
+    row_sum.setZero();
+    output.setZero();
+  }
+
+  /// Turns `scores` (rows × cols) into exp(scores − new max) in place and rescales the running
+  /// sum and output. Returns false when no entry of the tile is allowed (nothing to add).
+  template <class Tile>
+  bool absorb(Tile& scores) {
+    constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+    bool any = false;
+    bool rescaled = false;
+    for (Index r = 0; r < scores.rows(); ++r) {
+      auto row = scores.row(r);
+      const Scalar old_max = row_max[r];
+      const Scalar new_max = std::max(old_max, row.maxCoeff());
+      if (new_max == minus_infinity) {  // every key so far is masked for this row
+        row.setZero();
+        rescale[r] = Scalar(1);
+        continue;
+      }
+      any = true;
+      row = (row.array() - new_max).exp();
+      const Scalar factor = old_max == minus_infinity ? Scalar(0) : std::exp(old_max - new_max);
+      rescaled = rescaled || factor != Scalar(1);
+      rescale[r] = factor;
+      row_sum[r] = row_sum[r] * factor + row.sum();
+      row_max[r] = new_max;
+    }
+    if (any && rescaled) output.array().colwise() *= rescale.array();
+    return any;
+  }
+};
+
+/// Buffers of one thread of the streaming kernel, sized once per call.
+template <class Scalar>
+struct TileWorkspace {
+  Vector<Scalar> queries, keys, logits, scores, row_max, row_sum, rescale, output;
+  std::vector<Index> query_positions, key_positions;
+
+  TileWorkspace(Index heads_per_task, Index query_block, Index key_block, Index key_halo,
+                Index query_dim, Index logit_dim, Index value_dim, bool mixes)
+      : queries(heads_per_task * query_block * logit_dim),
+        keys((key_block + 2 * key_halo) * std::max(query_dim, logit_dim)),
+        logits(mixes ? heads_per_task * query_block * (key_block + 2 * key_halo) : 0),
+        scores(heads_per_task * query_block * key_block),
+        row_max(heads_per_task * query_block),
+        row_sum(heads_per_task * query_block),
+        rescale(heads_per_task * query_block),
+        output(heads_per_task * query_block * value_dim),
+        query_positions(static_cast<std::size_t>(query_block)),
+        key_positions(static_cast<std::size_t>(key_block + 2 * key_halo)) {}
+};
+
+template <class Scalar>
+Eigen::Map<Matrix<Scalar>> as_matrix(Vector<Scalar>& buffer, Index offset, Index rows, Index cols) {
+  return Eigen::Map<Matrix<Scalar>>(buffer.data() + offset, rows, cols);
+}
+template <class Scalar>
+Eigen::Map<Vector<Scalar>> as_vector(Vector<Scalar>& buffer, Index offset, Index size) {
+  return Eigen::Map<Vector<Scalar>>(buffer.data() + offset, size);
+}
+
+/// Writes the scaled, transformed query tile of head h (rows × logit_dim) into `out`.
+template <class Scalar, class Encoder>
+void load_queries(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index h, Index first,
+                  Positions qpos, Eigen::Map<Matrix<Scalar>> out) {
+  const auto source = p.q.head(h).middleRows(first, out.rows());
+  if constexpr (QueryKeyTransform<Encoder>) {
+    encoder.transform_queries(h, qpos, qpos[0], source, out);
+    out *= p.scale;
+  } else {
+    out.noalias() = p.scale * source;
+  }
+}
+
+/// Writes the transformed key tile of kv head kvh (count × logit_dim) into `buffer` and returns
+/// it, or (no transform) returns a view of k itself.
+template <class Scalar, class Encoder>
+auto load_keys(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index kvh, Index first,
+               Index count, Positions kpos, Index centre, Vector<Scalar>& buffer) {
+  using Map = Eigen::Map<const Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
+  if constexpr (QueryKeyTransform<Encoder>) {
+    auto out = as_matrix(buffer, 0, count, p.logit_dim);
+    encoder.transform_keys(kvh, kpos, centre, p.k.head(kvh).middleRows(first, count), out);
+    return Map(out.data(), count, p.logit_dim, Eigen::OuterStride<>(p.logit_dim));
+  } else {
+    (void)encoder;
+    (void)kpos;
+    (void)centre;
+    (void)buffer;
+    return Map(p.k.head(kvh).data() + first * p.k.row_stride(), count, p.query_dim,
+               Eigen::OuterStride<>(p.k.row_stride()));
+  }
+}
+
+template <class Scalar>
+void fill_positions(const AttentionProblem<Scalar>& p, bool queries, Index first, Index count,
+                    std::vector<Index>& out) {
+  for (Index r = 0; r < count; ++r) {
+    out[static_cast<std::size_t>(r)] =
+        queries ? p.query_position(first + r) : p.key_position(first + r);
+  }
+}
+
+/// Where the streaming kernel writes its result: normalised output, or a partial.
+template <class Scalar>
+struct ResultSink {
+  HeadsView<Scalar> output;
+  Matrix<Scalar>* row_max = nullptr;  // partial mode when non-null
+  Matrix<Scalar>* row_sum = nullptr;
+
+  void write(Index h, Index first, const OnlineSoftmax<Scalar>& state) const {
+    auto out = output.head(h).middleRows(first, state.output.rows());
+    if (row_max != nullptr) {
+      out = state.output;
+      row_max->row(h).segment(first, state.row_max.size()) = state.row_max.transpose();
+      row_sum->row(h).segment(first, state.row_sum.size()) = state.row_sum.transpose();
+      return;
+    }
+    for (Index r = 0; r < out.rows(); ++r) {
+      const Scalar sum = state.row_sum[r];
+      if (sum > Scalar(0)) {
+        out.row(r) = state.output.row(r) / sum;
+      } else {
+        out.row(r).setZero();  // no allowed key: zeros, never NaN
+      }
+    }
+  }
+};
+
+/// Bias, mask and online-softmax update for one head's finished score tile, then P·V.
+template <class Scalar, class Encoder>
+void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index h,
+                 Index query_first, Index key_first, Positions qpos, Positions kpos,
+                 TileCoverage coverage, Eigen::Map<Matrix<Scalar>>& scores,
+                 OnlineSoftmax<Scalar>& state) {
+  if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, scores);
+  if (coverage == TileCoverage::partial) {
+    std::span<const Index> qseg;
+    std::span<const Index> kseg;
+    if (p.has_segments()) {
+      qseg = p.query_segments.subspan(static_cast<std::size_t>(query_first), qpos.size());
+      kseg = p.key_segments.subspan(static_cast<std::size_t>(key_first), kpos.size());
+    }
+    apply_mask<Scalar>(p.mask, qpos, kpos, p.key_positions.empty(), qseg, kseg, scores);
+  }
+  if (!state.absorb(scores)) return;
+  const auto values = p.v.head(p.kv_head(h)).middleRows(key_first, scores.cols());
+  state.output.noalias() += scores * values;
+  if constexpr (RelativeKeyValue<Encoder>) {
+    encoder.add_relative_values(h, qpos, kpos, scores, state.output);
+  }
+}
+
+template <class Scalar>
+BlockExtent query_extent(const AttentionProblem<Scalar>& p, Index first, Index count) {
+  return block_extent([&](Index r) { return p.query_position(r); }, p.query_positions.empty(),
+                      p.query_segments, first, count);
+}
+template <class Scalar>
+BlockExtent key_extent(const AttentionProblem<Scalar>& p, Index first, Index count) {
+  return block_extent([&](Index c) { return p.key_position(c); }, p.key_positions.empty(),
+                      p.key_segments, first, count);
+}
+
+inline Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
+
+/// Streaming kernel without a ScoreMixer: one task per (head, query block).
+template <class Scalar, class Encoder>
+void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
+                     const ResultSink<Scalar>& sink) {
+  const Index query_blocks = ceil_div(p.queries, p.query_block);
+  const Index key_blocks = ceil_div(p.keys, p.key_block);
+  const Index tasks = p.heads * query_blocks;
+  parallel_tasks(
+      tasks, thread_count(p.threads, tasks),
+      [&] {
+        return TileWorkspace<Scalar>(1, p.query_block, p.key_block, 0, p.query_dim, p.logit_dim,
+                                     p.value_dim, false);
+      },
+      [&](Index task, TileWorkspace<Scalar>& ws) {
+        // Last query blocks first: under a causal mask they see the most keys.
+        const Index block = query_blocks - 1 - task / p.heads;
+        const Index h = task % p.heads;
+        const Index first = block * p.query_block;
+        const Index rows = std::min(p.query_block, p.queries - first);
+        fill_positions(p, true, first, rows, ws.query_positions);
+        const Positions qpos(ws.query_positions.data(), static_cast<std::size_t>(rows));
+        auto queries = as_matrix(ws.queries, 0, rows, p.logit_dim);
+        load_queries(p, encoder, h, first, qpos, queries);
+        const BlockExtent qext = query_extent(p, first, rows);
+        OnlineSoftmax<Scalar> state{as_vector(ws.row_max, 0, rows), as_vector(ws.row_sum, 0, rows),
+                                    as_vector(ws.rescale, 0, rows),
+                                    as_matrix(ws.output, 0, rows, p.value_dim)};
+        state.reset();
+        for (Index kb = 0; kb < key_blocks; ++kb) {
+          const Index key_first = kb * p.key_block;
+          const Index cols = std::min(p.key_block, p.keys - key_first);
+          const TileCoverage coverage =
+              tile_coverage(p.mask, p.has_segments(), qext, key_extent(p, key_first, cols));
+          if (coverage == TileCoverage::none) continue;
+          fill_positions(p, false, key_first, cols, ws.key_positions);
+          const Positions kpos(ws.key_positions.data(), static_cast<std::size_t>(cols));
+          const auto keys =
+              load_keys(p, encoder, p.kv_head(h), key_first, cols, kpos, qpos[0], ws.keys);
+          auto scores = as_matrix(ws.scores, 0, rows, cols);
+          scores.noalias() = queries * keys.transpose();
+          if constexpr (RelativeKeyValue<Encoder>) {
+            encoder.add_relative_logits(h, qpos, kpos, queries, scores);
+          }
+          finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, scores, state);
+        }
+        sink.write(h, first, state);
+      });
+}
+
+/// Streaming kernel with a ScoreMixer (which needs every head of a tile): one task per query
+/// block; the logits of each tile are computed for all heads, with `key_halo()` extra key
+/// columns on each side, mixed, then each head continues as in stream_per_head.
+template <class Scalar, class Encoder>
+void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
+                  const ResultSink<Scalar>& sink) {
+  const Index halo = static_cast<Index>(encoder.key_halo());
+  const Index query_blocks = ceil_div(p.queries, p.query_block);
+  const Index key_blocks = ceil_div(p.keys, p.key_block);
+  const Index H = p.heads;
+  const Index qb = p.query_block;
+  parallel_tasks(
+      query_blocks, thread_count(p.threads, query_blocks),
+      [&] {
+        return TileWorkspace<Scalar>(H, qb, p.key_block, halo, p.query_dim, p.logit_dim,
+                                     p.value_dim, true);
+      },
+      [&](Index task, TileWorkspace<Scalar>& ws) {
+        const Index block = query_blocks - 1 - task;
+        const Index first = block * qb;
+        const Index rows = std::min(qb, p.queries - first);
+        fill_positions(p, true, first, rows, ws.query_positions);
+        const Positions qpos(ws.query_positions.data(), static_cast<std::size_t>(rows));
+        const BlockExtent qext = query_extent(p, first, rows);
+        std::vector<OnlineSoftmax<Scalar>> states;
+        states.reserve(static_cast<std::size_t>(H));
+        for (Index h = 0; h < H; ++h) {
+          load_queries(p, encoder, h, first, qpos,
+                       as_matrix(ws.queries, h * qb * p.logit_dim, rows, p.logit_dim));
+          states.push_back({as_vector(ws.row_max, h * qb, rows),
+                            as_vector(ws.row_sum, h * qb, rows),
+                            as_vector(ws.rescale, h * qb, rows),
+                            as_matrix(ws.output, h * qb * p.value_dim, rows, p.value_dim)});
+          states.back().reset();
+        }
+        for (Index kb = 0; kb < key_blocks; ++kb) {
+          const Index key_first = kb * p.key_block;
+          const Index cols = std::min(p.key_block, p.keys - key_first);
+          const TileCoverage coverage =
+              tile_coverage(p.mask, p.has_segments(), qext, key_extent(p, key_first, cols));
+          if (coverage == TileCoverage::none) continue;
+          const Index ext_first = std::max<Index>(0, key_first - halo);
+          const Index ext_count = std::min(p.keys, key_first + cols + halo) - ext_first;
+          fill_positions(p, false, ext_first, ext_count, ws.key_positions);
+          const Positions kpos_ext(ws.key_positions.data(), static_cast<std::size_t>(ext_count));
+          const Positions kpos = kpos_ext.subspan(static_cast<std::size_t>(key_first - ext_first),
+                                                  static_cast<std::size_t>(cols));
+          auto logits = as_matrix(ws.logits, 0, H, rows * ext_count);
+          for (Index h = 0; h < H; ++h) {
+            const auto queries = as_matrix(ws.queries, h * qb * p.logit_dim, rows, p.logit_dim);
+            const auto keys = load_keys(p, encoder, p.kv_head(h), ext_first, ext_count, kpos_ext,
+                                        qpos[0], ws.keys);
+            Eigen::Map<Matrix<Scalar>> head_logits(logits.row(h).data(), rows, ext_count);
+            head_logits.noalias() = queries * keys.transpose();
+            if constexpr (RelativeKeyValue<Encoder>) {
+              encoder.add_relative_logits(h, qpos, kpos_ext, queries, head_logits);
+            }
+          }
+          auto scores = as_matrix(ws.scores, 0, H, rows * cols);
+          encoder.mix(qpos, kpos_ext, key_first - ext_first, cols, logits, scores);
+          for (Index h = 0; h < H; ++h) {
+            Eigen::Map<Matrix<Scalar>> head_scores(scores.row(h).data(), rows, cols);
+            finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, head_scores,
+                        states[static_cast<std::size_t>(h)]);
+          }
+        }
+        for (Index h = 0; h < H; ++h) sink.write(h, first, states[static_cast<std::size_t>(h)]);
+      });
+}
+
+template <class Scalar, class Encoder>
+void stream(const AttentionProblem<Scalar>& p, const Encoder& encoder,
+            const ResultSink<Scalar>& sink) {
+  if (p.queries == 0) return;
+  if constexpr (ScoreMixer<Encoder>) {
+    stream_mixed(p, encoder, sink);
+  } else {
+    stream_per_head(p, encoder, sink);
+  }
+}
+
+/// The oracle: materialise every N × M score matrix, mask, softmax. Returns the probabilities
+/// per head (N × M each).
+template <class Scalar, class Encoder>
+std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
+                                              const Encoder& encoder) {
+  const Index N = p.queries;
+  const Index M = p.keys;
+  std::vector<Matrix<Scalar>> weights(static_cast<std::size_t>(p.heads),
+                                      Matrix<Scalar>::Zero(N, M));
+  if (N == 0 || M == 0) return weights;
+  std::vector<Index> qpos(static_cast<std::size_t>(N));
+  std::vector<Index> kpos(static_cast<std::size_t>(M));
+  fill_positions(p, true, 0, N, qpos);
+  fill_positions(p, false, 0, M, kpos);
+  const Index centre = qpos[0];
+  Matrix<Scalar> logits(p.heads, N * M);
+  for (Index h = 0; h < p.heads; ++h) {
+    Matrix<Scalar> queries(N, p.logit_dim);
+    Matrix<Scalar> keys(M, p.logit_dim);
+    if constexpr (QueryKeyTransform<Encoder>) {
+      encoder.transform_queries(h, qpos, centre, p.q.head(h), queries);
+      encoder.transform_keys(p.kv_head(h), kpos, centre, p.k.head(p.kv_head(h)), keys);
+    } else {
+      queries = p.q.head(h);
+      keys = p.k.head(p.kv_head(h));
+    }
+    queries *= p.scale;
+    Eigen::Map<Matrix<Scalar>> head_logits(logits.row(h).data(), N, M);
+    head_logits = queries * keys.transpose();
+    if constexpr (RelativeKeyValue<Encoder>) {
+      encoder.add_relative_logits(h, qpos, kpos, queries, head_logits);
+    }
+  }
+  Matrix<Scalar> scores;
+  if constexpr (ScoreMixer<Encoder>) {
+    scores.resize(p.heads, N * M);
+    encoder.mix(qpos, kpos, 0, M, logits, scores);
+  } else {
+    scores.swap(logits);
+  }
+  for (Index h = 0; h < p.heads; ++h) {
+    Eigen::Map<Matrix<Scalar>> s(scores.row(h).data(), N, M);
+    if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, s);
+    Matrix<Scalar>& w = weights[static_cast<std::size_t>(h)];
+    for (Index r = 0; r < N; ++r) {
+      Scalar max = -std::numeric_limits<Scalar>::infinity();
+      for (Index c = 0; c < M; ++c) {
+        const bool same_document =
+            !p.has_segments() || p.query_segments[static_cast<std::size_t>(r)] ==
+                                     p.key_segments[static_cast<std::size_t>(c)];
+        if (same_document &&
+            p.mask.allows(qpos[static_cast<std::size_t>(r)], kpos[static_cast<std::size_t>(c)])) {
+          w(r, c) = Scalar(1);  // marks an allowed entry
+          max = std::max(max, s(r, c));
+        }
+      }
+      if (max == -std::numeric_limits<Scalar>::infinity()) {
+        w.row(r).setZero();
+        continue;
+      }
+      Scalar sum = 0;
+      for (Index c = 0; c < M; ++c) {
+        w(r, c) = w(r, c) != Scalar(0) ? std::exp(s(r, c) - max) : Scalar(0);
+        sum += w(r, c);
+      }
+      w.row(r) /= sum;
+    }
+  }
+  return weights;
+}
+
+template <class Scalar, class Encoder>
+void reference_output(const AttentionProblem<Scalar>& p, const Encoder& encoder,
+                      HeadsView<Scalar> out) {
+  const std::vector<Matrix<Scalar>> weights = reference_weights(p, encoder);
+  if (p.queries == 0) return;
+  std::vector<Index> qpos(static_cast<std::size_t>(p.queries));
+  std::vector<Index> kpos(static_cast<std::size_t>(p.keys));
+  fill_positions(p, true, 0, p.queries, qpos);
+  fill_positions(p, false, 0, p.keys, kpos);
+  for (Index h = 0; h < p.heads; ++h) {
+    const Matrix<Scalar>& w = weights[static_cast<std::size_t>(h)];
+    Matrix<Scalar> o = w * p.v.head(p.kv_head(h));
+    if constexpr (RelativeKeyValue<Encoder>) {
+      if (p.keys > 0) encoder.add_relative_values(h, qpos, kpos, w, o);
+    }
+    out.head(h) = o;
+  }
+}
+
+template <class Q, class K, class V>
+constexpr void check_scalars() {
+  static_assert(std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<K>> &&
+                    std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<V>>,
+                "posenc::attention: q, k and v must have the same scalar type");
+  static_assert(
+      std::is_same_v<heads_scalar_t<Q>, float> || std::is_same_v<heads_scalar_t<Q>, double>,
+      "posenc::attention: the scalar type must be float or double");
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Public entry points. q: [H, N, D], k: [H_kv, M, D], v: [H_kv, M, Dv] (H_kv divides H:
+// grouped-query attention when smaller), out: [H, N, Dv]. Any of Heads<T>, HeadsView<T>,
+// HeadsView<const T> may be passed for q, k, v.
+// ---------------------------------------------------------------------------------------------
+
+/// Streaming attention into `out` ([H, N, Dv]). Extra memory O(tile) per thread.
+template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder>
+void attention(const Q& q, const K& k, const V& v, const Encoder& encoder,
+               HeadsView<heads_scalar_t<Q>> out, const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_scalars<Q, K, V>();
+  constexpr const char* fn = "posenc::attention";
+  const auto p =
+      detail::make_problem<Scalar>(fn, detail::as_const_view(q), detail::as_const_view(k),
+                                   detail::as_const_view(v), encoder, options);
+  detail::require_output_shape(fn, out, p);
+  detail::stream(p, encoder, detail::ResultSink<Scalar>{out});
+}
+
+/// Streaming attention; returns [H, N, Dv].
+template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder = NoPositionalEncoding>
+Heads<heads_scalar_t<Q>> attention(const Q& q, const K& k, const V& v, const Encoder& encoder = {},
+                                   const AttentionOptions& options = {}) {
+  const auto qv = detail::as_const_view(q);
+  const auto vv = detail::as_const_view(v);
+  Heads<heads_scalar_t<Q>> out(qv.heads(), qv.rows(), vv.dim());
+  attention(q, k, v, encoder, out.view(), options);
+  return out;
+}
+
+/// Streaming attention without positional encoding (NoPE).
+template <HeadsLike Q, HeadsLike K, HeadsLike V>
+Heads<heads_scalar_t<Q>> attention(const Q& q, const K& k, const V& v,
+                                   const AttentionOptions& options) {
+  return attention(q, k, v, NoPositionalEncoding{}, options);
+}
+
+/// Streaming attention over this subset of keys (their absolute positions in
+/// options.key_positions, or 0…M−1), unnormalised; combine subsets with merge_partials.
+template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder = NoPositionalEncoding>
+AttentionPartial<heads_scalar_t<Q>> attention_partial(const Q& q, const K& k, const V& v,
+                                                      const Encoder& encoder = {},
+                                                      const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_scalars<Q, K, V>();
+  const auto p = detail::make_problem<Scalar>("posenc::attention_partial", detail::as_const_view(q),
+                                              detail::as_const_view(k), detail::as_const_view(v),
+                                              encoder, options);
+  AttentionPartial<Scalar> partial{
+      Heads<Scalar>(p.heads, p.queries, p.value_dim),
+      Matrix<Scalar>::Constant(p.heads, p.queries, -std::numeric_limits<Scalar>::infinity()),
+      Matrix<Scalar>::Zero(p.heads, p.queries)};
+  detail::stream(
+      p, encoder,
+      detail::ResultSink<Scalar>{partial.output.view(), &partial.row_max, &partial.row_sum});
+  return partial;
+}
+
+/// The materialising oracle: same result as `attention`, by the obvious method (O(N·M) memory).
+template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder = NoPositionalEncoding>
+Heads<heads_scalar_t<Q>> attention_reference(const Q& q, const K& k, const V& v,
+                                             const Encoder& encoder = {},
+                                             const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_scalars<Q, K, V>();
+  const auto p = detail::make_problem<Scalar>("posenc::attention_reference",
+                                              detail::as_const_view(q), detail::as_const_view(k),
+                                              detail::as_const_view(v), encoder, options);
+  Heads<Scalar> out(p.heads, p.queries, p.value_dim);
+  detail::reference_output(p, encoder, out.view());
+  return out;
+}
+
+template <HeadsLike Q, HeadsLike K, HeadsLike V>
+Heads<heads_scalar_t<Q>> attention_reference(const Q& q, const K& k, const V& v,
+                                             const AttentionOptions& options) {
+  return attention_reference(q, k, v, NoPositionalEncoding{}, options);
+}
+
+/// Attention probabilities [H, N, M] (rows sum to 1, or are zero when nothing is allowed), for
+/// analysis and plots. Materialises N × M per head.
+template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder = NoPositionalEncoding>
+Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
+                                           const Encoder& encoder = {},
+                                           const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_scalars<Q, K, V>();
+  const auto p = detail::make_problem<Scalar>("posenc::attention_weights", detail::as_const_view(q),
+                                              detail::as_const_view(k), detail::as_const_view(v),
+                                              encoder, options);
+  const std::vector<Matrix<Scalar>> weights = detail::reference_weights(p, encoder);
+  Heads<Scalar> out(p.heads, p.queries, p.keys);
+  for (Index h = 0; h < p.heads; ++h) out.head(h) = weights[static_cast<std::size_t>(h)];
+  return out;
+}
+
+template <HeadsLike Q, HeadsLike K, HeadsLike V>
+Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
+                                           const AttentionOptions& options) {
+  return attention_weights(q, k, v, NoPositionalEncoding{}, options);
+}
+
+}  // namespace posenc

@@ -1,0 +1,3 @@
+#include "posenc/attention.hpp"
+#include "support/test_support.hpp"
+TEST(Smoke, Runs) { EXPECT_TRUE(true); }
