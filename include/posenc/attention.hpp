@@ -327,8 +327,10 @@ struct OnlineSoftmax {
 
   /// Turns `scores` (rows × cols) into exp(scores − new max) in place and rescales the running
   /// sum and output. Returns false when no entry of the tile is allowed (nothing to add).
+  /// `masked`: the tile holds −inf entries; they become exactly 0 (Eigen's vectorised exp clamps
+  /// its argument, so exp(−inf) would give the smallest normal number instead).
   template <class Tile>
-  bool absorb(Tile& scores) {
+  bool absorb(Tile& scores, bool masked) {
     constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
     bool any = false;
     bool rescaled = false;
@@ -342,7 +344,11 @@ struct OnlineSoftmax {
         continue;
       }
       any = true;
-      row = (row.array() - new_max).exp();
+      if (masked) {
+        row = (row.array() == minus_infinity).select(Scalar(0), (row.array() - new_max).exp());
+      } else {
+        row = (row.array() - new_max).exp();
+      }
       const Scalar factor = old_max == minus_infinity ? Scalar(0) : std::exp(old_max - new_max);
       rescaled = rescaled || factor != Scalar(1);
       rescale[r] = factor;
@@ -467,7 +473,7 @@ void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Inde
     }
     apply_mask<Scalar>(p.mask, qpos, kpos, p.key_positions.empty(), qseg, kseg, scores);
   }
-  if (!state.absorb(scores)) return;
+  if (!state.absorb(scores, coverage == TileCoverage::partial)) return;
   const auto values = p.v.head(p.kv_head(h)).middleRows(key_first, scores.cols());
   state.output.noalias() += scores * values;
   if constexpr (RelativeKeyValue<Encoder>) {
@@ -662,28 +668,22 @@ std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
     Eigen::Map<Matrix<Scalar>> s(scores.row(h).data(), N, M);
     if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, s);
     Matrix<Scalar>& w = weights[static_cast<std::size_t>(h)];
+    constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
     for (Index r = 0; r < N; ++r) {
-      Scalar max = -std::numeric_limits<Scalar>::infinity();
+      const auto row = static_cast<std::size_t>(r);
       for (Index c = 0; c < M; ++c) {
+        const auto col = static_cast<std::size_t>(c);
         const bool same_document =
-            !p.has_segments() || p.query_segments[static_cast<std::size_t>(r)] ==
-                                     p.key_segments[static_cast<std::size_t>(c)];
-        if (same_document &&
-            p.mask.allows(qpos[static_cast<std::size_t>(r)], kpos[static_cast<std::size_t>(c)])) {
-          w(r, c) = Scalar(1);  // marks an allowed entry
-          max = std::max(max, s(r, c));
-        }
+            !p.has_segments() || p.query_segments[row] == p.key_segments[col];
+        if (!same_document || !p.mask.allows(qpos[row], kpos[col])) s(r, c) = minus_infinity;
       }
-      if (max == -std::numeric_limits<Scalar>::infinity()) {
-        w.row(r).setZero();
-        continue;
-      }
-      Scalar sum = 0;
-      for (Index c = 0; c < M; ++c) {
-        w(r, c) = w(r, c) != Scalar(0) ? std::exp(s(r, c) - max) : Scalar(0);
-        sum += w(r, c);
-      }
-      w.row(r) /= sum;
+      const Scalar max = s.row(r).maxCoeff();
+      if (max == minus_infinity) continue;  // nothing allowed: the row stays zero
+      // select: Eigen's vectorised exp maps −inf to the smallest normal number, not to 0.
+      w.row(r) = (s.row(r).array() == minus_infinity)
+                     .select(Scalar(0), (s.row(r).array() - max).exp())
+                     .matrix();
+      w.row(r) /= w.row(r).sum();
     }
   }
   return weights;

@@ -1,0 +1,9 @@
+// SPDX-License-Identifier: MIT
+// posenc: positional encodings for length extrapolation. The umbrella header: the core (shapes,
+// masks, stage concepts, attention kernels) and every encoder and analysis tool.
+#pragma once
+
+#include "posenc/attention.hpp"
+#include "posenc/encoding.hpp"
+#include "posenc/mask.hpp"
+#include "posenc/tensor.hpp"
