@@ -7,3 +7,7 @@
 #include "posenc/encoding.hpp"
 #include "posenc/mask.hpp"
 #include "posenc/tensor.hpp"
+
+// Absolute encodings (added to token embeddings before the projections).
+#include "posenc/encoders/learned_absolute.hpp"
+#include "posenc/encoders/sinusoidal.hpp"
