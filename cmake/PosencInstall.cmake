@@ -8,9 +8,7 @@ set(POSENC_INSTALL_CMAKEDIR "${CMAKE_INSTALL_DATADIR}/cmake/posenc" CACHE STRING
     "Where posencConfig.cmake is installed (relative to the prefix)")
 
 install(DIRECTORY include/posenc DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} FILES_MATCHING PATTERN "*.hpp")
-# INCLUDES DESTINATION puts <prefix>/include on the exported target (the INSTALL_INTERFACE entry in
-# CMakeLists.txt is written before GNUInstallDirs defines CMAKE_INSTALL_INCLUDEDIR).
-install(TARGETS posenc EXPORT posencTargets INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(TARGETS posenc EXPORT posencTargets)
 install(EXPORT posencTargets NAMESPACE posenc:: DESTINATION ${POSENC_INSTALL_CMAKEDIR})
 
 configure_package_config_file(cmake/posencConfig.cmake.in

@@ -4,11 +4,17 @@
 #include <chrono>
 #include <cstdio>
 #include <random>
+#include <string_view>
+#include <vector>
 
 #include <posenc/posenc.hpp>
 
-int main() {
+int main(int argc, char** argv) {
   using namespace posenc;
+  // --quick (used by CTest): smaller sizes, same check.
+  const bool quick = argc > 1 && std::string_view(argv[1]) == "--quick";
+  const std::vector<Index> lengths =
+      quick ? std::vector<Index>{64, 256} : std::vector<Index>{256, 1024, 2048};
   const Index heads = 8;
   const Index dim = 64;
   std::mt19937_64 rng(7);
@@ -18,7 +24,7 @@ int main() {
               static_cast<long>(heads), static_cast<long>(dim));
   std::printf("%8s  %14s  %14s  %12s  %16s\n", "tokens", "streaming [ms]", "reference [ms]",
               "max |diff|", "N x N logits [MiB]");
-  for (const Index tokens : {256, 1024, 2048}) {
+  for (const Index tokens : lengths) {
     Heads<float> q(heads, tokens, dim), k(heads, tokens, dim), v(heads, tokens, dim);
     for (Heads<float>* x : {&q, &k, &v}) {
       for (Index i = 0; i < x->flat().size(); ++i) x->flat()[i] = normal(rng);
