@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "posenc/detail/check.hpp"
@@ -360,24 +362,78 @@ struct OnlineSoftmax {
   }
 };
 
-/// Buffers of one thread of the streaming kernel, sized once per call.
+/// Buffers of one thread of the streaming kernel. They only grow; each thread keeps its own
+/// between calls (see WorkspaceLease), so repeated calls of a shape allocate nothing.
 template <class Scalar>
 struct TileWorkspace {
   Vector<Scalar> queries, keys, logits, scores, row_max, row_sum, rescale, output;
   std::vector<Index> query_positions, key_positions;
+  std::vector<OnlineSoftmax<Scalar>> states;
+  bool in_use = false;
 
-  TileWorkspace(Index heads_per_task, Index query_block, Index key_block, Index key_halo,
-                Index query_dim, Index logit_dim, Index value_dim, bool mixes)
-      : queries(heads_per_task * query_block * logit_dim),
-        keys((key_block + 2 * key_halo) * std::max(query_dim, logit_dim)),
-        logits(mixes ? heads_per_task * query_block * (key_block + 2 * key_halo) : 0),
-        scores(heads_per_task * query_block * key_block),
-        row_max(heads_per_task * query_block),
-        row_sum(heads_per_task * query_block),
-        rescale(heads_per_task * query_block),
-        output(heads_per_task * query_block * value_dim),
-        query_positions(static_cast<std::size_t>(query_block)),
-        key_positions(static_cast<std::size_t>(key_block + 2 * key_halo)) {}
+  void reserve(Index heads_per_task, Index query_block, Index key_block, Index key_halo,
+               Index query_dim, Index logit_dim, Index value_dim, bool mixes) {
+    const Index key_rows = key_block + 2 * key_halo;
+    grow(queries, heads_per_task * query_block * logit_dim);
+    grow(keys, key_rows * std::max(query_dim, logit_dim));
+    grow(logits, mixes ? heads_per_task * query_block * key_rows : 0);
+    grow(scores, heads_per_task * query_block * key_block);
+    grow(row_max, heads_per_task * query_block);
+    grow(row_sum, heads_per_task * query_block);
+    grow(rescale, heads_per_task * query_block);
+    grow(output, heads_per_task * query_block * value_dim);
+    if (static_cast<Index>(query_positions.size()) < query_block) {
+      query_positions.resize(static_cast<std::size_t>(query_block));
+    }
+    if (static_cast<Index>(key_positions.size()) < key_rows) {
+      key_positions.resize(static_cast<std::size_t>(key_rows));
+    }
+    states.reserve(static_cast<std::size_t>(heads_per_task));
+  }
+
+ private:
+  static void grow(Vector<Scalar>& buffer, Index size) {
+    if (buffer.size() < size) buffer.resize(size);
+  }
+};
+
+/// The calling thread's workspace, kept for the life of the thread (OpenMP reuses its threads,
+/// so the kernel's steady state allocates nothing). A few tiles: O(tile), never O(N).
+template <class Scalar>
+TileWorkspace<Scalar>& thread_workspace() {
+  thread_local TileWorkspace<Scalar> workspace;
+  return workspace;
+}
+
+/// Exclusive use of the thread's workspace for one call, or of a fresh one if the thread's is
+/// already in use (an encoder stage that itself calls attention).
+template <class Scalar>
+class WorkspaceLease {
+ public:
+  WorkspaceLease() {
+    TileWorkspace<Scalar>& mine = thread_workspace<Scalar>();
+    if (mine.in_use) {
+      owned_ = std::make_unique<TileWorkspace<Scalar>>();
+      workspace_ = owned_.get();
+    } else {
+      workspace_ = &mine;
+    }
+    workspace_->in_use = true;
+  }
+  WorkspaceLease(WorkspaceLease&& other) noexcept
+      : workspace_(std::exchange(other.workspace_, nullptr)), owned_(std::move(other.owned_)) {}
+  WorkspaceLease(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(WorkspaceLease&&) = delete;
+  ~WorkspaceLease() {
+    if (workspace_ != nullptr) workspace_->in_use = false;
+  }
+
+  TileWorkspace<Scalar>& get() { return *workspace_; }
+
+ private:
+  TileWorkspace<Scalar>* workspace_ = nullptr;
+  std::unique_ptr<TileWorkspace<Scalar>> owned_;
 };
 
 template <class Scalar>
@@ -504,10 +560,13 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   parallel_tasks(
       tasks, thread_count(p.threads, tasks),
       [&] {
-        return TileWorkspace<Scalar>(1, p.query_block, p.key_block, 0, p.query_dim, p.logit_dim,
-                                     p.value_dim, false);
+        WorkspaceLease<Scalar> lease;
+        lease.get().reserve(1, p.query_block, p.key_block, 0, p.query_dim, p.logit_dim, p.value_dim,
+                            false);
+        return lease;
       },
-      [&](Index task, TileWorkspace<Scalar>& ws) {
+      [&](Index task, WorkspaceLease<Scalar>& lease) {
+        TileWorkspace<Scalar>& ws = lease.get();
         // Last query blocks first: under a causal mask they see the most keys.
         const Index block = query_blocks - 1 - task / p.heads;
         const Index h = task % p.heads;
@@ -557,18 +616,20 @@ void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   parallel_tasks(
       query_blocks, thread_count(p.threads, query_blocks),
       [&] {
-        return TileWorkspace<Scalar>(H, qb, p.key_block, halo, p.query_dim, p.logit_dim,
-                                     p.value_dim, true);
+        WorkspaceLease<Scalar> lease;
+        lease.get().reserve(H, qb, p.key_block, halo, p.query_dim, p.logit_dim, p.value_dim, true);
+        return lease;
       },
-      [&](Index task, TileWorkspace<Scalar>& ws) {
+      [&](Index task, WorkspaceLease<Scalar>& lease) {
+        TileWorkspace<Scalar>& ws = lease.get();
         const Index block = query_blocks - 1 - task;
         const Index first = block * qb;
         const Index rows = std::min(qb, p.queries - first);
         fill_positions(p, true, first, rows, ws.query_positions);
         const Positions qpos(ws.query_positions.data(), static_cast<std::size_t>(rows));
         const BlockExtent qext = query_extent(p, first, rows);
-        std::vector<OnlineSoftmax<Scalar>> states;
-        states.reserve(static_cast<std::size_t>(H));
+        std::vector<OnlineSoftmax<Scalar>>& states = ws.states;
+        states.clear();  // capacity reserved: no allocation
         for (Index h = 0; h < H; ++h) {
           load_queries(p, encoder, h, first, qpos,
                        as_matrix(ws.queries, h * qb * p.logit_dim, rows, p.logit_dim));
