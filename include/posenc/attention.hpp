@@ -685,16 +685,14 @@ void stream(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   }
 }
 
-/// The oracle: materialise every N × M score matrix, mask, softmax. Returns the probabilities
-/// per head (N × M each).
+/// The oracle's first half: every N × M score matrix (all stages applied, forbidden keys −inf).
 template <class Scalar, class Encoder>
-std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
-                                              const Encoder& encoder) {
+std::vector<Matrix<Scalar>> reference_scores(const AttentionProblem<Scalar>& p,
+                                             const Encoder& encoder) {
   const Index N = p.queries;
   const Index M = p.keys;
-  std::vector<Matrix<Scalar>> weights(static_cast<std::size_t>(p.heads),
-                                      Matrix<Scalar>::Zero(N, M));
-  if (N == 0 || M == 0) return weights;
+  std::vector<Matrix<Scalar>> result(static_cast<std::size_t>(p.heads), Matrix<Scalar>(N, M));
+  if (N == 0 || M == 0) return result;
   std::vector<Index> qpos(static_cast<std::size_t>(N));
   std::vector<Index> kpos(static_cast<std::size_t>(M));
   fill_positions(p, true, 0, N, qpos);
@@ -725,11 +723,10 @@ std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
   } else {
     scores.swap(logits);
   }
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   for (Index h = 0; h < p.heads; ++h) {
     Eigen::Map<Matrix<Scalar>> s(scores.row(h).data(), N, M);
     if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, s);
-    Matrix<Scalar>& w = weights[static_cast<std::size_t>(h)];
-    constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
     for (Index r = 0; r < N; ++r) {
       const auto row = static_cast<std::size_t>(r);
       for (Index c = 0; c < M; ++c) {
@@ -738,11 +735,29 @@ std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
             !p.has_segments() || p.query_segments[row] == p.key_segments[col];
         if (!same_document || !p.mask.allows(qpos[row], kpos[col])) s(r, c) = minus_infinity;
       }
-      const Scalar max = s.row(r).maxCoeff();
-      if (max == minus_infinity) continue;  // nothing allowed: the row stays zero
+    }
+    result[static_cast<std::size_t>(h)] = s;
+  }
+  return result;
+}
+
+/// The oracle: materialise every N × M score matrix, mask, softmax. Returns the probabilities
+/// per head (N × M each).
+template <class Scalar, class Encoder>
+std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
+                                              const Encoder& encoder) {
+  std::vector<Matrix<Scalar>> weights = reference_scores(p, encoder);
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  for (Matrix<Scalar>& w : weights) {
+    for (Index r = 0; r < w.rows(); ++r) {
+      const Scalar max = w.row(r).maxCoeff();
+      if (max == minus_infinity) {  // nothing allowed: the row is zero
+        w.row(r).setZero();
+        continue;
+      }
       // select: Eigen's vectorised exp maps −inf to the smallest normal number, not to 0.
-      w.row(r) = (s.row(r).array() == minus_infinity)
-                     .select(Scalar(0), (s.row(r).array() - max).exp())
+      w.row(r) = (w.row(r).array() == minus_infinity)
+                     .select(Scalar(0), (w.row(r).array() - max).exp())
                      .matrix();
       w.row(r) /= w.row(r).sum();
     }
@@ -882,6 +897,22 @@ template <HeadsLike Q, HeadsLike K, HeadsLike V>
 Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
                                            const AttentionOptions& options) {
   return attention_weights(q, k, v, NoPositionalEncoding{}, options);
+}
+
+/// Pre-softmax scores [H, N, M] (every stage applied, forbidden keys −inf): the scores whose
+/// row softmax is attention_weights. For analysis (empirical score curves). Materialises N × M.
+template <HeadsLike Q, HeadsLike K, AttentionEncoder Encoder = NoPositionalEncoding>
+Heads<heads_scalar_t<Q>> attention_scores(const Q& q, const K& k, const Encoder& encoder = {},
+                                          const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_scalars<Q, K, K>();
+  const auto kv = detail::as_const_view(k);
+  const auto p = detail::make_problem<Scalar>("posenc::attention_scores", detail::as_const_view(q),
+                                              kv, kv, encoder, options);
+  const std::vector<Matrix<Scalar>> scores = detail::reference_scores(p, encoder);
+  Heads<Scalar> out(p.heads, p.queries, p.keys);
+  for (Index h = 0; h < p.heads; ++h) out.head(h) = scores[static_cast<std::size_t>(h)];
+  return out;
 }
 
 }  // namespace posenc
