@@ -22,7 +22,7 @@ namespace posenc {
 /// `bool keys_ignore_centre() const` (RoPE: always; XPos: with a fixed centre). When it returns
 /// true, and the encoder models no other stage, KvCache stores transformed keys.
 template <class E>
-concept CenterFreeKeyTransform = QueryKeyTransform<E> && requires(const E& e) {
+concept CentreFreeKeyTransform = QueryKeyTransform<E> && requires(const E& e) {
   { e.keys_ignore_centre() } -> std::convertible_to<bool>;
 } && !ScoreBias<E> && !RelativeKeyValue<E> && !ScoreMixer<E>;
 
@@ -66,7 +66,7 @@ struct KvAttendOptions {
 /// - attend(q[, options]): q is [H, N, D] (H a multiple of H_kv: grouped-query attention); query
 ///   positions default to those of the last N rows appended; the mask is the cache's (causal by
 ///   default). Equals one attention() call over the same rows (streaming kernel, same tolerance).
-/// - Encoders: with a CenterFreeKeyTransform whose keys_ignore_centre() is true the cache stores
+/// - Encoders: with a CentreFreeKeyTransform whose keys_ignore_centre() is true the cache stores
 ///   transformed keys (each key is rotated once) and rotates only the queries at attend time;
 ///   every other encoder (biases, mixers, DAPE, XPos with tile centring, NoPE) gets raw keys and
 ///   the cache's positions, so it sees exactly the positions of a full pass.
@@ -89,7 +89,7 @@ class KvCache {
                     "kv_heads, dim and value_dim must be >= 1, got ", kv_heads, ", ", dim, " and ",
                     value_dim_);
     detail::require(options.capacity >= 0, fn, "capacity must be >= 0, got ", options.capacity);
-    if constexpr (CenterFreeKeyTransform<Encoder>) {
+    if constexpr (CentreFreeKeyTransform<Encoder>) {
       stores_transformed_keys_ = static_cast<bool>(encoder_.keys_ignore_centre());
     }
     key_width_ = stores_transformed_keys_ ? detail::transformed_width(encoder_, dim_) : dim_;
@@ -192,17 +192,19 @@ class KvCache {
     }
     const Index first_new = *std::min_element(new_positions.begin(), new_positions.end());
     if (mask_.kind() == Mask::Kind::sliding_window) {
-      detail::require(
-          size_ == 0 || first_new > positions_[static_cast<std::size_t>(start_ + size_ - 1)], fn,
-          "with a sliding-window cache positions must increase, but ", first_new, " follows ",
-          positions_[static_cast<std::size_t>(start_ + size_ - 1)]);
+      if (size_ > 0) {
+        const Index last = positions_[static_cast<std::size_t>(start_ + size_ - 1)];
+        detail::require(first_new > last, fn,
+                        "with a sliding-window cache positions must increase, but ", first_new,
+                        " follows ", last);
+      }
       evict_before(first_new - mask_.window() + 1);
     }
     make_room(rows);
     const Index at = start_ + size_;
     for (Index h = 0; h < kv_heads_; ++h) {
       Eigen::Map<Matrix<Scalar>> key_rows(key_row(h, at), rows, key_width_);
-      if constexpr (CenterFreeKeyTransform<Encoder>) {
+      if constexpr (CentreFreeKeyTransform<Encoder>) {
         if (stores_transformed_keys_) {
           encoder_.transform_keys(h, new_positions, first_new, kv.head(h), key_rows);
         } else {
@@ -266,7 +268,7 @@ class KvCache {
                                        .query_block = options.query_block,
                                        .key_block = options.key_block};
     if (query_segments.empty()) attention_options.key_segments = {};
-    if constexpr (CenterFreeKeyTransform<Encoder>) {
+    if constexpr (CentreFreeKeyTransform<Encoder>) {
       if (stores_transformed_keys_) {
         if constexpr (detail::HasValidate<Encoder>) {
           encoder_.validate(AttentionShape{qv.heads(), kv_heads_, n, size_, dim_, value_dim_});
