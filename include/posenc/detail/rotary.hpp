@@ -115,8 +115,7 @@ inline Scalar multiply_add(Scalar x, Scalar y, Scalar z) {
 #if defined(FP_FAST_FMA) && defined(FP_FAST_FMAF)
   return std::fma(x, y, z);
 #else
-  return x * y +
-         z;  // NOLINT: contraction would make it an FMA, which is what the branch above does
+  return x * y + z;  // no fast FMA on the target, so nothing to contract either
 #endif
 }
 
