@@ -11,3 +11,8 @@
 // Absolute encodings (added to token embeddings before the projections).
 #include "posenc/encoders/learned_absolute.hpp"
 #include "posenc/encoders/sinusoidal.hpp"
+
+// Rotary encodings and KV-cache decoding.
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/xpos.hpp"
+#include "posenc/kv_cache.hpp"
