@@ -28,15 +28,29 @@ inline int thread_count(int requested, Index tasks) {
 }
 
 /// Runs `body(task, workspace)` for task = 0 .. tasks-1 on `threads` threads, dynamically
-/// scheduled. Each thread builds its own workspace with `make_workspace()`. Inside the region
-/// each thread limits its own OpenMP ICV to one thread, so Eigen's products (which consult
-/// omp_get_max_threads) never fork a nested team from within a tile. The first exception thrown
-/// by any task is rethrown after the loop.
+/// scheduled. Each thread builds its own workspace with `make_workspace()`. Each thread limits
+/// its own OpenMP ICV to one thread while it runs tasks, so Eigen products inside encoder stages
+/// (which consult omp_get_max_threads) never fork a nested team. The first exception thrown by
+/// any task is rethrown after the loop.
 template <class MakeWorkspace, class Body>
 void parallel_tasks(Index tasks, int threads, MakeWorkspace&& make_workspace, Body&& body) {
   if (tasks <= 0) return;
 #ifdef _OPENMP
-  // Even one thread runs inside a (one-thread) region, so the ICV change stays local to it.
+  if (threads == 1) {
+    // No region for one thread: libgomp allocates (and frees) a one-thread team per region,
+    // and the steady state must not allocate. Limit this thread's ICV instead, restored after.
+    const int previous = omp_get_max_threads();
+    omp_set_num_threads(1);
+    try {
+      auto workspace = make_workspace();
+      for (Index task = 0; task < tasks; ++task) body(task, workspace);
+    } catch (...) {
+      omp_set_num_threads(previous);
+      throw;
+    }
+    omp_set_num_threads(previous);
+    return;
+  }
   std::exception_ptr error;
 #pragma omp parallel num_threads(threads)
   {

@@ -15,6 +15,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/rotary.hpp"
+#include "posenc/detail/scratch.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
 
@@ -366,7 +367,9 @@ class RotaryEncoding {
     detail::require(static_cast<Index>(positions.size()) == in.rows(), fn, "positions has ",
                     positions.size(), " entries but in has ", in.rows(), " rows");
     const Index pairs = rotary_dim_ / 2;
-    std::vector<Scalar> scratch(static_cast<std::size_t>(rotary_dim_));  // uncached positions
+    // Rows of uncached positions are computed here (per-thread buffer: no allocation per tile).
+    const std::span<Scalar> scratch =
+        detail::thread_scratch<Scalar, RotaryEncoding>(static_cast<std::size_t>(rotary_dim_));
     const bool interleaved = pairing_ == RotaryPairing::interleaved;
     for (Index r = 0; r < in.rows(); ++r) {
       const Scalar* cs = table_->row(positions[static_cast<std::size_t>(r)], scratch.data());

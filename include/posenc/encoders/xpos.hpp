@@ -11,6 +11,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/rotary.hpp"
+#include "posenc/detail/scratch.hpp"
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/mask.hpp"
@@ -164,7 +165,8 @@ class XPosEncoding {
     detail::require(static_cast<Index>(positions.size()) == in.rows(), fn, "positions has ",
                     positions.size(), " entries but in has ", in.rows(), " rows");
     const Index pairs = head_dim_ / 2;
-    std::vector<Scalar> scratch(static_cast<std::size_t>(head_dim_ + pairs));
+    const std::span<Scalar> scratch = detail::thread_scratch<Scalar, XPosEncoding>(
+        static_cast<std::size_t>(head_dim_ + pairs));  // per-thread: no allocation per tile
     const bool interleaved = options_.pairing == RotaryPairing::interleaved;
     for (Index r = 0; r < in.rows(); ++r) {
       const Index n = positions[static_cast<std::size_t>(r)];
