@@ -58,6 +58,9 @@ class LazyRowTable {
   Index width() const { return width_; }
 
   /// Row `index`: a cached row, or `scratch` (width values) filled on the spot.
+  /// Whether `index` is inside the cached range (row() then needs no scratch).
+  bool contains(Index index) const { return index >= first_ && index < first_ + count_; }
+
   const Scalar* row(Index index, Scalar* scratch) const {
     if (index < first_ || index >= first_ + count_) {
       fill_(index, scratch);

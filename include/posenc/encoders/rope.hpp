@@ -367,12 +367,18 @@ class RotaryEncoding {
     detail::require(static_cast<Index>(positions.size()) == in.rows(), fn, "positions has ",
                     positions.size(), " entries but in has ", in.rows(), " rows");
     const Index pairs = rotary_dim_ / 2;
-    // Rows of uncached positions are computed here (per-thread buffer: no allocation per tile).
-    const std::span<Scalar> scratch =
-        detail::thread_scratch<Scalar, RotaryEncoding>(static_cast<std::size_t>(rotary_dim_));
+    // Rows of uncached positions are computed into a per-thread buffer, fetched only when one
+    // is needed (no allocation per tile).
+    Scalar* scratch = nullptr;
     const bool interleaved = pairing_ == RotaryPairing::interleaved;
     for (Index r = 0; r < in.rows(); ++r) {
-      const Scalar* cs = table_->row(positions[static_cast<std::size_t>(r)], scratch.data());
+      const Index position = positions[static_cast<std::size_t>(r)];
+      if (scratch == nullptr && !table_->contains(position)) {
+        scratch =
+            detail::thread_scratch<Scalar, RotaryEncoding>(static_cast<std::size_t>(rotary_dim_))
+                .data();
+      }
+      const Scalar* cs = table_->row(position, scratch);
       detail::rotate_row<Scalar>(interleaved, pairs, head_dim_, cs, nullptr,
                                  in.data() + r * in.outerStride(),
                                  out.data() + r * out.outerStride());

@@ -165,14 +165,20 @@ class XPosEncoding {
     detail::require(static_cast<Index>(positions.size()) == in.rows(), fn, "positions has ",
                     positions.size(), " entries but in has ", in.rows(), " rows");
     const Index pairs = head_dim_ / 2;
-    const std::span<Scalar> scratch = detail::thread_scratch<Scalar, XPosEncoding>(
-        static_cast<std::size_t>(head_dim_ + pairs));  // per-thread: no allocation per tile
+    // Rows outside the cached ranges go to a per-thread buffer, fetched only when one is needed
+    // (no allocation per tile).
+    Scalar* scratch = nullptr;
     const bool interleaved = options_.pairing == RotaryPairing::interleaved;
     for (Index r = 0; r < in.rows(); ++r) {
       const Index n = positions[static_cast<std::size_t>(r)];
-      const Scalar* cs = rotation_->row(n, scratch.data());
       const Index offset = sign > 0 ? n - centre : centre - n;
-      const Scalar* gain = decay_->row(offset, scratch.data() + head_dim_);
+      if (scratch == nullptr && !(rotation_->contains(n) && decay_->contains(offset))) {
+        scratch = detail::thread_scratch<Scalar, XPosEncoding>(
+                      static_cast<std::size_t>(head_dim_ + pairs))
+                      .data();
+      }
+      const Scalar* cs = rotation_->row(n, scratch);
+      const Scalar* gain = decay_->row(offset, scratch == nullptr ? nullptr : scratch + head_dim_);
       detail::rotate_row<Scalar>(interleaved, pairs, head_dim_, cs, gain,
                                  in.data() + r * in.outerStride(),
                                  out.data() + r * out.outerStride());
