@@ -229,6 +229,26 @@ TYPED_TEST(LinearAttention, FavorStaysFiniteForLargeInputs) {
             Tolerance<T>::kernel);
 }
 
+TYPED_TEST(LinearAttention, WritesIntoAStridedOutputView) {
+  using T = TypeParam;
+  auto rng = make_rng(8);
+  const Index H = 3, N = 10, D = 4;
+  const Heads<T> q = random_heads<T>(H, N, D, rng);
+  const Heads<T> k = random_heads<T>(H, N, D, rng);
+  const Heads<T> v = random_heads<T>(H, N, D, rng);
+  Vector<T> buffer = Vector<T>::Zero(N * H * D);  // [N, H, D], token-major
+  const auto out = HeadsView<T>::tokens_major(buffer.data(), N, H, D);
+  linear_attention(q, k, v, EluPlusOne{}, NoPositionalEncoding{}, out, {.chunk = 3});
+  const Heads<T> expected = linear_attention(q, k, v, EluPlusOne{});
+  for (Index h = 0; h < H; ++h) {
+    EXPECT_LE(relative_error(Matrix<T>(out.head(h)), expected.head(h)), Tolerance<T>::kernel);
+  }
+  Heads<T> wrong(H, N, D + 1);
+  POSENC_EXPECT_INVALID(
+      linear_attention(q, k, v, EluPlusOne{}, NoPositionalEncoding{}, wrong.view()),
+      "posenc::linear_attention", "out has shape [3, 10, 5] but must be [3, 10, 4]");
+}
+
 TYPED_TEST(LinearAttention, RowsWithZeroWeightAreZero) {
   using T = TypeParam;
   Heads<T> q(1, 5, 3), k(1, 5, 3), v(1, 5, 2);

@@ -34,12 +34,11 @@ namespace posenc {
 struct EluPlusOne {
   Index feature_dim(Index dim) const { return dim; }
 
-  /// out = φ(x) (rows × D each).
+  /// out = φ(x) (rows × D each), as max(x, 0) + exp(min(x, 0)): branch-free and vectorised.
   template <class In, class Out>
   void features(const In& x, Out&& out) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
-    out = x.unaryExpr(
-        [](Scalar value) { return value > Scalar(0) ? value + Scalar(1) : std::exp(value); });
+    out = (x.array().max(Scalar(0)) + x.array().min(Scalar(0)).exp()).matrix();
   }
 };
 
@@ -53,8 +52,7 @@ struct ReluPlusEpsilon {
   template <class In, class Out>
   void features(const In& x, Out&& out) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
-    const auto eps = static_cast<Scalar>(epsilon);
-    out = x.unaryExpr([eps](Scalar value) { return std::max(value, Scalar(0)) + eps; });
+    out = (x.array().max(Scalar(0)) + static_cast<Scalar>(epsilon)).matrix();
   }
 };
 
@@ -377,10 +375,9 @@ void causal_chunk(const Map& map, const Values& values, LinearWorkspace<Scalar>&
       ws.numerator.row(i) = ratio * (alpha * ws.numerator.row(i) + extra * s.value_sum.transpose());
       ws.denominator[i] =
           ratio * (alpha * ws.denominator[i] + extra * static_cast<Scalar>(s.count));
-      for (Index j = 0; j <= i; ++j) {
-        ws.weights(i, j) =
-            ratio * (std::exp(ws.key_max[j] - ws.prefix_max[i]) * ws.weights(i, j) + extra);
-      }
+      auto row = ws.weights.row(i).head(i + 1).array();
+      row = ratio *
+            ((ws.key_max.head(i + 1).array() - ws.prefix_max[i]).exp().transpose() * row + extra);
       ws.weights.row(i).tail(rows - 1 - i).setZero();
     }
   } else {
@@ -626,13 +623,14 @@ class LinearAttentionState {
 // width is what φ sees). Row i of q and k sits at options.first_position + i.
 // ---------------------------------------------------------------------------------------------
 
-/// Linear attention: out_i = Σⱼ φ(q_i)·φ(k_j) v_j / Σⱼ φ(q_i)·φ(k_j) over j <= i (causal) or all j.
+/// Linear attention into `out` ([H, N, Dv]):
+/// out_i = Σⱼ φ(q_i)·φ(k_j) v_j / Σⱼ φ(q_i)·φ(k_j) over j <= i (causal) or all j.
 /// Time O((N + M)·F·Dv) (+ O(N·chunk·(F + Dv)) causal), extra memory O(F·Dv + chunk·(F + D + Dv))
 /// per thread. A row whose weights sum to zero returns zeros.
-template <HeadsLike Q, HeadsLike K, HeadsLike V, class Map, class Encoder = NoPositionalEncoding>
-Heads<heads_scalar_t<Q>> linear_attention(const Q& q, const K& k, const V& v, const Map& map,
-                                          const Encoder& encoder,
-                                          const LinearAttentionOptions& options = {}) {
+template <HeadsLike Q, HeadsLike K, HeadsLike V, class Map, class Encoder>
+void linear_attention(const Q& q, const K& k, const V& v, const Map& map, const Encoder& encoder,
+                      HeadsView<heads_scalar_t<Q>> out,
+                      const LinearAttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
   detail::check_linear_scalars<Q, K, V>();
   static_assert(FeatureMap<Map, Scalar>,
@@ -641,13 +639,16 @@ Heads<heads_scalar_t<Q>> linear_attention(const Q& q, const K& k, const V& v, co
   static_assert(detail::linear_encoder_v<Encoder>,
                 "posenc::linear_attention: the encoder must be NoPositionalEncoding or a "
                 "QueryKeyTransform (score biases need the N x M score matrix)");
+  constexpr const char* fn = "posenc::linear_attention";
   const auto qv = detail::as_const_view(q);
   const auto kv = detail::as_const_view(k);
   const auto vv = detail::as_const_view(v);
-  const auto shape =
-      detail::check_linear<Scalar>("posenc::linear_attention", qv, kv, vv, map, encoder,
-                                   options.causal, options.threads, options.chunk);
-  Heads<Scalar> out(shape.heads, shape.rows, shape.value_dim);
+  const auto shape = detail::check_linear<Scalar>(fn, qv, kv, vv, map, encoder, options.causal,
+                                                  options.threads, options.chunk);
+  detail::require(
+      out.heads() == shape.heads && out.rows() == shape.rows && out.dim() == shape.value_dim, fn,
+      "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(), "] but must be [",
+      shape.heads, ", ", shape.rows, ", ", shape.value_dim, "]");
   detail::parallel_tasks(
       shape.heads, detail::thread_count(options.threads, shape.heads),
       [] { return detail::LinearWorkspace<Scalar>{}; },
@@ -656,12 +657,23 @@ Heads<heads_scalar_t<Q>> linear_attention(const Q& q, const K& k, const V& v, co
           LinearAttentionHeadState<Scalar> state;
           detail::reset_state(map, shape.width, shape.value_dim, state);
           detail::causal_head(map, encoder, shape, h, qv, kv, vv, options.first_position,
-                              options.first_position, options.chunk, ws, state, out.view());
+                              options.first_position, options.chunk, ws, state, out);
         } else {
           detail::noncausal_head(map, encoder, shape, h, qv, kv, vv, options.first_position,
-                                 options.chunk, ws, out.view());
+                                 options.chunk, ws, out);
         }
       });
+}
+
+/// Linear attention; returns [H, N, Dv].
+template <HeadsLike Q, HeadsLike K, HeadsLike V, class Map, class Encoder>
+Heads<heads_scalar_t<Q>> linear_attention(const Q& q, const K& k, const V& v, const Map& map,
+                                          const Encoder& encoder,
+                                          const LinearAttentionOptions& options = {}) {
+  const auto qv = detail::as_const_view(q);
+  const auto vv = detail::as_const_view(v);
+  Heads<heads_scalar_t<Q>> out(qv.heads(), qv.rows(), vv.dim());
+  linear_attention(q, k, v, map, encoder, out.view(), options);
   return out;
 }
 

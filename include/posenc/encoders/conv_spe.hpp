@@ -274,8 +274,13 @@ class ConvSpe {
         for (Index d = 0; d < dim_; ++d) {
           draw_.window(head * dim_ + d, *low + kernel_size_, span + kernel_size_ - 1, noise);
           codes.setZero(span, realizations_);
-          for (Index j = 0; j < kernel_size_; ++j) {
-            codes.noalias() += taps(head, d, j) * noise.middleRows(j, span);
+          // Blocks of 16 positions keep the partial codes in L1 across the ks taps.
+          for (Index first = 0; first < span; first += 16) {
+            const Index count = std::min<Index>(16, span - first);
+            auto block = codes.middleRows(first, count);
+            for (Index j = 0; j < kernel_size_; ++j) {
+              block.noalias() += taps(head, d, j) * noise.middleRows(first + j, count);
+            }
           }
           for (Index r = 0; r < rows; ++r) {
             result.row(r) += in(r, d) * codes.row(positions[static_cast<std::size_t>(r)] - *low);

@@ -145,6 +145,8 @@ class SineSpe {
     const double scale = 1.0 / (std::sqrt(static_cast<double>(columns)) *
                                 std::pow(static_cast<double>(realizations_ * dim_), 0.25));
     frequency_.resize(heads_, dim_ * sines_);
+    step_cos_.resize(heads_, dim_ * sines_);
+    step_sin_.resize(heads_, dim_ * sines_);
     offset_.resize(heads_, dim_ * sines_);
     weights_.resize(static_cast<std::size_t>(heads_));
     for (Index h = 0; h < heads_; ++h) {
@@ -156,6 +158,10 @@ class SineSpe {
           frequency_(h, d * sines_ + k) =
               detail::sigmoid(static_cast<double>(parameters_.frequencies(h, d, k))) / 2.0;
           offset_(h, d * sines_ + k) = static_cast<double>(parameters_.offsets(h, d, k));
+          step_cos_(h, d * sines_ + k) =
+              std::cos(2.0 * std::numbers::pi * frequency_(h, d * sines_ + k));
+          step_sin_(h, d * sines_ + k) =
+              std::sin(2.0 * std::numbers::pi * frequency_(h, d * sines_ + k));
           const double gain = detail::softplus(static_cast<double>(parameters_.gains(h, d, k)));
           for (Index c = 2 * k; c < 2 * k + 2; ++c) {
             const Index row = d * columns + c;
@@ -247,19 +253,39 @@ class SineSpe {
     return query ? angle + offset_(head, dk) : angle;
   }
 
-  /// Row r of x: [q ⊙ (cos, sin) per (d, k)] and, gated, q itself.
+  /// Row r of x: [q ⊙ (cos, sin) per (d, k)] and, gated, q itself. For runs of consecutive
+  /// positions the phases advance by rotation (one complex multiply per row and sine), anchored
+  /// by exact cos/sin every kAnchor rows so that the rounding never accumulates over more than
+  /// kAnchor steps (~1e-14 relative); scattered positions use cos/sin per row.
   template <class In>
   void features(Index head, Positions positions, const In& in, bool query, Matrix<Real>& x) const {
+    constexpr Index kAnchor = 32;
     const Index columns = 2 * sines_;
+    const Index dk = dim_ * sines_;
     x.resize(in.rows(), weights_[static_cast<std::size_t>(head)].rows());
+    Eigen::ArrayXd cosine(dk), sine(dk), rotated(dk);
+    const auto step_cos = step_cos_.row(head).array().transpose();
+    const auto step_sin = step_sin_.row(head).array().transpose();
     for (Index r = 0; r < in.rows(); ++r) {
       const Index position = positions[static_cast<std::size_t>(r)];
+      const bool advance =
+          r % kAnchor != 0 && position == positions[static_cast<std::size_t>(r - 1)] + 1;
+      if (advance) {
+        rotated = cosine * step_cos - sine * step_sin;
+        sine = sine * step_cos + cosine * step_sin;
+        cosine = rotated;
+      } else {
+        for (Index j = 0; j < dk; ++j) {
+          const double angle = phase(head, j, position, query);
+          cosine[j] = std::cos(angle);
+          sine[j] = std::sin(angle);
+        }
+      }
       for (Index d = 0; d < dim_; ++d) {
         const double value = static_cast<double>(in(r, d));
         for (Index k = 0; k < sines_; ++k) {
-          const double angle = phase(head, d * sines_ + k, position, query);
-          x(r, d * columns + 2 * k) = static_cast<Real>(value * std::cos(angle));
-          x(r, d * columns + 2 * k + 1) = static_cast<Real>(value * std::sin(angle));
+          x(r, d * columns + 2 * k) = static_cast<Real>(value * cosine[d * sines_ + k]);
+          x(r, d * columns + 2 * k + 1) = static_cast<Real>(value * sine[d * sines_ + k]);
         }
       }
       if (gate_) x.row(r).tail(dim_) = in.row(r);
@@ -288,9 +314,10 @@ class SineSpe {
   SineSpeParameters<Real> parameters_;
   std::optional<SpeGate<Real>> gate_;
   Index heads_ = 0, dim_ = 0, sines_ = 0, realizations_ = 0;
-  Matrix<double> frequency_;           // [H, D·K] cycles per position
-  Matrix<double> offset_;              // [H, D·K] θ
-  std::vector<Matrix<Real>> weights_;  // per head [D·2K (+D gated), R]
+  Matrix<double> frequency_;            // [H, D·K] cycles per position
+  Matrix<double> offset_;               // [H, D·K] θ
+  Matrix<double> step_cos_, step_sin_;  // [H, D·K] cos, sin of 2π·f (one position's rotation)
+  std::vector<Matrix<Real>> weights_;   // per head [D·2K (+D gated), R]
 };
 
 static_assert(QueryKeyTransform<SineSpe<float>>);
