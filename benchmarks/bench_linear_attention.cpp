@@ -183,6 +183,31 @@ void BM_LinearCausalFavorSineSpe(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// Gated sineSPE in causal softmax attention, one thread: range(1) = 0 lets the kernel transform
+/// each tile (key tiles are transformed once per query block), 1 filters q and k once with
+/// filter_queries/filter_keys and runs the kernel without encoder (same result, scale 1/sqrt(R)).
+void BM_SoftmaxCausalSineSpe(benchmark::State& state) {
+  const Index n = state.range(0);
+  const bool prefilter = state.range(1) != 0;
+  const Inputs x(n);
+  const posenc::SineSpe<float> spe(posenc::SineSpeParameters<float>::initial(kHeads, kDim, 10, 1),
+                                   kRealizations, 2, posenc::Matrix<float>::Zero(kHeads, kDim));
+  Heads<float> out(kHeads, n, kDim);
+  for (auto _ : state) {
+    if (prefilter) {
+      const Heads<float> q_hat = spe.filter_queries(x.q, 0, 1);
+      const Heads<float> k_hat = spe.filter_keys(x.k, 0, 1);
+      posenc::attention(q_hat, k_hat, x.v, posenc::NoPositionalEncoding{}, out.view(),
+                        {.threads = 1});
+    } else {
+      posenc::attention(x.q, x.k, x.v, spe, out.view(), {.threads = 1});
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // Sequence lengths 128 … 65536; softmax's largest (quadratic) sizes run once each.
 BENCHMARK(BM_SoftmaxCausal)
     ->ArgsProduct({{128, 256, 512, 1024, 2048, 4096, 8192}, {1, 2}})
@@ -220,6 +245,10 @@ BENCHMARK(BM_ProjectionGemm)->Arg(4096)->ArgName("N")->Unit(benchmark::kMillisec
 BENCHMARK(BM_SineSpeFilter)->Arg(4096)->ArgName("N")->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_ConvSpeFilter)->Arg(4096)->ArgName("N")->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_LinearCausalFavorSineSpe)->Arg(4096)->ArgName("N")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SoftmaxCausalSineSpe)
+    ->ArgsProduct({{4096}, {0, 1}})
+    ->ArgNames({"N", "prefiltered"})
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
