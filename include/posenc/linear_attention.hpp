@@ -159,7 +159,7 @@ class Favor {
     // each row scaled to the norm of a fresh Gaussian vector (Performer's scaling = 0). Q's
     // columns are multiplied by the signs of R's diagonal so that Q is Haar-distributed
     // (Mezzadri 2007): a raw Householder Q has a fixed-sign coordinate in its columns, which
-    // biases the estimate of exp(q·k) (Performer, using LAPACK's QR as is, keeps that bias).
+    // biases the estimate of exp(q·k) (Performer's create_projection_matrix uses the raw Q).
     for (Index first = 0; first < features; first += dim) {
       Matrix<double> gaussian(dim, dim);
       for (Index i = 0; i < gaussian.size(); ++i) gaussian.data()[i] = normal();

@@ -96,6 +96,11 @@ class ConvSpeDraw {
 
   /// out(t, r) = z[r, channel, first + t] for t < count (out is resized to [count, R]).
   void window(Index channel, Index first, Index count, Matrix<Real>& out) const {
+    detail::require(channel >= 0 && channel < channels_ && first >= 0 && count >= 0 &&
+                        count <= samples_ - first,
+                    "posenc::ConvSpeDraw::window", "channel ", channel, ", samples [", first, ", ",
+                    first + count, ") out of range for ", channels_, " channels of ", samples_,
+                    " samples");
     out.resize(count, realizations_);
     for (Index r = 0; r < realizations_; ++r) {
       if (seed_) {
