@@ -16,3 +16,9 @@
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/xpos.hpp"
 #include "posenc/kv_cache.hpp"
+
+// Stochastic positional encoding and linear attention.
+#include "posenc/encoders/conv_spe.hpp"
+#include "posenc/encoders/sine_spe.hpp"
+#include "posenc/encoders/spe_gate.hpp"
+#include "posenc/linear_attention.hpp"

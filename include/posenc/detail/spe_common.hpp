@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: MIT
+// What sineSPE and convSPE share: argument checks, filtering whole [H, N, D] tensors to
+// [H, N, R], and the closed-form expectation E[q̂_m·k̂_n] from a per-feature lag kernel.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "posenc/detail/check.hpp"
+#include "posenc/detail/parallel.hpp"
+#include "posenc/encoding.hpp"
+#include "posenc/tensor.hpp"
+
+namespace posenc::detail {
+
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+/// log(1 + eˣ) without overflow (torch.nn.functional.softplus with beta 1).
+inline double softplus(double x) { return std::log1p(std::exp(-std::abs(x))) + std::max(x, 0.0); }
+
+/// The encoder's `validate` hook: heads and width must be the ones the codes were built for.
+inline void check_spe_shape(const char* fn, const AttentionShape& shape, Index heads, Index dim) {
+  require(shape.heads == heads, fn, "q has ", shape.heads, " heads but the codes were built for ",
+          heads);
+  require(shape.kv_heads == heads, fn, "k and v have ", shape.kv_heads,
+          " heads but the codes were built for ", heads,
+          " (stochastic PE filters each head with its own code; grouped-query attention is not "
+          "supported)");
+  require(shape.query_dim == dim, fn, "q and k have dim ", shape.query_dim,
+          " but the codes were built for D = ", dim);
+}
+
+/// Checks one tile of transform_queries / transform_keys.
+template <class In, class Out>
+void check_spe_tile(const char* fn, Index head, Positions positions, const In& in, const Out& out,
+                    Index heads, Index dim, Index realizations) {
+  require(head >= 0 && head < heads, fn, "head ", head, " out of range for ", heads, " heads");
+  require(in.cols() == dim, fn, "the input rows have width ", in.cols(),
+          " but the codes were built for D = ", dim);
+  require(out.cols() == realizations && out.rows() == in.rows(), fn, "out must be [", in.rows(),
+          ", R = ", realizations, "], got [", out.rows(), ", ", out.cols(), "]");
+  require(static_cast<Index>(positions.size()) == in.rows(), fn, "got ", positions.size(),
+          " positions for ", in.rows(), " rows");
+}
+
+/// Filters every row of x [H, N, D] (row i at first_position + i) to [H, N, R] with the
+/// encoder's transform_queries (queries) or transform_keys, in blocks over (head, rows).
+template <class Spe, class X>
+Heads<typename Spe::Scalar> filter_heads(const char* fn, const Spe& spe, const X& x_in,
+                                         Index first_position, bool queries, int threads) {
+  using Scalar = typename Spe::Scalar;
+  const HeadsView<const Scalar> x = as_const_view(x_in);
+  require(x.heads() == spe.heads(), fn, "the input has ", x.heads(),
+          " heads but the codes were built for ", spe.heads());
+  require(x.dim() == spe.dim(), fn, "the input has dim ", x.dim(),
+          " but the codes were built for D = ", spe.dim());
+  require(threads >= 0, fn, "threads must be >= 0 (0 = OpenMP default), got ", threads);
+  constexpr Index block = 256;
+  Heads<Scalar> out(x.heads(), x.rows(), spe.realizations());
+  const Index blocks = (x.rows() + block - 1) / block;
+  const Index tasks = x.heads() * blocks;
+  parallel_tasks(
+      tasks, thread_count(threads, tasks), [] { return std::vector<Index>(); },
+      [&](Index task, std::vector<Index>& positions) {
+        const Index h = task % x.heads();
+        const Index first = (task / x.heads()) * block;
+        const Index rows = std::min(block, x.rows() - first);
+        positions.resize(static_cast<std::size_t>(rows));
+        for (Index r = 0; r < rows; ++r)
+          positions[static_cast<std::size_t>(r)] = first_position + first + r;
+        auto target = out.head(h).middleRows(first, rows);
+        if (queries) {
+          spe.transform_queries(h, positions, first_position, x.head(h).middleRows(first, rows),
+                                target);
+        } else {
+          spe.transform_keys(h, positions, first_position, x.head(h).middleRows(first, rows),
+                             target);
+        }
+      });
+  return out;
+}
+
+/// E[q̂_m·k̂_n] = sqrt(R/D)·Σ_d q_md·k_nd·(a_hd·P̃_hd(m − n) + b_hd) for queries at
+/// query_offset + i and keys at j, with P̃ the encoder's `lag_kernel` and (a, b) = (1, 0)
+/// ungated, (code_weight², noise_weight²) gated. q [H, N, D], k [H, M, D] → [H, N, M].
+template <class Spe, class Q, class K>
+Heads<typename Spe::Scalar> spe_expected_logits(const char* fn, const Spe& spe, const Q& q_in,
+                                                const K& k_in, Index query_offset) {
+  using Scalar = typename Spe::Scalar;
+  const HeadsView<const Scalar> q = as_const_view(q_in);
+  const HeadsView<const Scalar> k = as_const_view(k_in);
+  require(q.heads() == spe.heads() && k.heads() == spe.heads(), fn, "q has ", q.heads(),
+          " heads and k has ", k.heads(), " but the codes were built for ", spe.heads());
+  require(q.dim() == spe.dim() && k.dim() == spe.dim(), fn, "q has dim ", q.dim(),
+          " and k has dim ", k.dim(), " but the codes were built for D = ", spe.dim());
+  const Index N = q.rows();
+  const Index M = k.rows();
+  const Index D = spe.dim();
+  Heads<Scalar> out(q.heads(), N, M);
+  if (N == 0 || M == 0) return out;
+  const double factor = std::sqrt(static_cast<double>(spe.realizations()) / static_cast<double>(D));
+  const Index lowest_lag = query_offset - (M - 1);  // lag of (row 0, key M−1)
+  const Index lags = N + M - 1;
+  Matrix<double> kernel(lags, D);  // row t: the effective kernel at lag lowest_lag + t
+  for (Index h = 0; h < q.heads(); ++h) {
+    for (Index t = 0; t < lags; ++t) kernel.row(t) = spe.lag_kernel(h, lowest_lag + t).transpose();
+    if (const auto* gate = spe.gate()) {
+      for (Index d = 0; d < D; ++d) {
+        const double a = gate->code_weight(h, d) * gate->code_weight(h, d);
+        const double b = gate->noise_weight(h, d) * gate->noise_weight(h, d);
+        kernel.col(d) = (a * kernel.col(d).array() + b).matrix();
+      }
+    }
+    for (Index i = 0; i < N; ++i) {
+      for (Index j = 0; j < M; ++j) {
+        const auto pair = q.head(h).row(i).template cast<double>().cwiseProduct(
+            k.head(h).row(j).template cast<double>());
+        out(h, i, j) = static_cast<Scalar>(factor * pair.dot(kernel.row(i - j + M - 1)));
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace posenc::detail
