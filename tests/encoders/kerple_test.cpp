@@ -77,7 +77,10 @@ TYPED_TEST(KerpleTest, MatchesTheAuthorsModules) {
               tol)
         << "power_original, head " << h;
     for (Index i = 0; i < 6; ++i) {
-      for (Index j = 0; j < 6; ++j) EXPECT_EQ(log_kernel.bias(h, i, j), log_tile(i, j));
+      for (Index j = 0; j < 6; ++j) {
+        EXPECT_NEAR(log_kernel.bias(h, i, j), log_tile(i, j),
+                    8 * std::numeric_limits<T>::epsilon());  // log1p vs vectorised log1p
+      }
     }
   }
   // Parameters after the reference's in-place clamp.

@@ -98,14 +98,17 @@ class Alibi {
   /// Adds B_h(query_positions[r], key_positions[c]) to tile(r, c).
   void add_bias(Index head, Positions query_positions, Positions key_positions,
                 TileRef<T> tile) const {
-    const double slope = slopes_[head];
+    const double minus_slope = -slopes_[head];
     detail::add_distance_bias<T>(query_positions, key_positions, tile,
-                                 [&](Index d) { return value(slope, d); });
+                                 [&](Index top, Index count, double* out) {
+                                   detail::form_distances(form_, top, count, out);
+                                   for (Index m = 0; m < count; ++m) out[m] *= minus_slope;
+                                 });
   }
 
  private:
   double value(double slope, Index query_minus_key) const {
-    return -slope * static_cast<double>(detail::form_distance(form_, query_minus_key));
+    return static_cast<double>(detail::form_distance(form_, query_minus_key)) * -slope;
   }
 
   Vector<double> slopes_;

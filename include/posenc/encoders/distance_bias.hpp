@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <array>
 #include <cstddef>
-#include <cstdlib>
 
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
@@ -31,6 +30,32 @@ constexpr Index form_distance(BiasForm form, Index query_minus_key) {
   return query_minus_key < 0 ? -query_minus_key : query_minus_key;
 }
 
+/// out[m] = δ(top − m) as double, m < count: the distances of a window (see add_distance_bias).
+inline void form_distances(BiasForm form, Index top, Index count, double* out) {
+  for (Index m = 0; m < count; ++m) out[m] = static_cast<double>(form_distance(form, top - m));
+}
+
+/// x[m] = log(1 + x[m]) for m < count (x > −1), vectorised, accurate to a few ulp for every x:
+/// log(u)·x/(u − 1) with u = 1 + x cancels the rounding of u (Goldberg 1991, "What every
+/// computer scientist should know about floating-point arithmetic", Thm. 4). Eigen vectorises
+/// log but not log1p for double.
+inline void log1p_in_place(double* x, Index count) {
+  constexpr Index block = 64;
+  using Array = Eigen::Array<double, 1, Eigen::Dynamic>;
+  alignas(64) std::array<double, block> u;
+  alignas(64) std::array<double, block> log_u;
+  for (Index first = 0; first < count; first += block) {
+    const Index n = std::min(block, count - first);
+    double* y = x + first;
+    for (Index m = 0; m < n; ++m) u[static_cast<std::size_t>(m)] = 1.0 + y[m];
+    Eigen::Map<Array>(log_u.data(), n) = Eigen::Map<const Array>(u.data(), n).log();
+    for (Index m = 0; m < n; ++m) {
+      const double um = u[static_cast<std::size_t>(m)];
+      y[m] = um == 1.0 ? y[m] : log_u[static_cast<std::size_t>(m)] * (y[m] / (um - 1.0));
+    }
+  }
+}
+
 /// Whether `positions` are p[0], p[0] + 1, …, p[0] + n − 1 (the kernel's default positions).
 /// O(n), cheap next to the O(rows · cols) tile it decides about.
 inline bool is_consecutive(Positions positions) {
@@ -43,42 +68,63 @@ inline bool is_consecutive(Positions positions) {
 /// Rows and columns of a tile handled per distance window (the window holds 2·chunk − 1 values).
 inline constexpr Index kDistanceChunk = 256;
 
-/// Adds `value(qpos[r] − kpos[c])` (a double, cast to Scalar) to tile(r, c).
+/// row[c] += values[c] for c < count (a plain loop: the compiler vectorises it without the
+/// per-call overhead of an Eigen segment expression).
+template <class Scalar>
+void add_row(const Scalar* values, Index count, Scalar* row) {
+  for (Index c = 0; c < count; ++c) row[c] += values[c];
+}
+
+/// Adds B(qpos[r] − kpos[c]) to tile(r, c) for a bias B of the distance i − j alone, given as
+/// `fill(top, count, out)`, which writes out[m] = B(top − m) in double for m < count.
 ///
-/// With consecutive query and key positions, the tile holds only rows + cols − 1 distinct
-/// distances: they are evaluated once into a window w, with w[m] the value at distance
-/// top − m (top = the distance of the last row and the first column), so that row r is the
-/// contiguous slice w[rows − 1 − r, rows − 1 − r + cols) and the tile is filled by vectorised row
-/// additions. Any other positions are evaluated element by element. The window lives on the
-/// stack: no allocation, no O(N) table.
-template <class Scalar, class Value>
-void add_distance_bias(Positions qpos, Positions kpos, TileRef<Scalar> tile, const Value& value) {
+/// Consecutive key positions: row r of a block of columns reads distances top_r − c, one window.
+/// Consecutive query positions too: the block holds only rows + cols − 1 distinct distances,
+/// filled once (top = distance of its last row and first column), and row r is the contiguous
+/// slice [rows − 1 − r, rows − 1 − r + cols) of that window. The window is cast to Scalar once
+/// and added row by row (vectorised). Other positions are evaluated element by element. The
+/// windows live on the stack: no allocation, nothing O(N).
+template <class Scalar, class Fill>
+void add_distance_bias(Positions qpos, Positions kpos, TileRef<Scalar> tile, const Fill& fill) {
   const Index rows = tile.rows();
   const Index cols = tile.cols();
   if (rows == 0 || cols == 0) return;
-  if (!is_consecutive(qpos) || !is_consecutive(kpos)) {
+  if (!is_consecutive(kpos)) {
     for (Index r = 0; r < rows; ++r) {
-      const Index i = qpos[static_cast<std::size_t>(r)];
       for (Index c = 0; c < cols; ++c) {
-        tile(r, c) += static_cast<Scalar>(value(i - kpos[static_cast<std::size_t>(c)]));
+        double value = 0.0;
+        fill(qpos[static_cast<std::size_t>(r)] - kpos[static_cast<std::size_t>(c)], 1, &value);
+        tile(r, c) += static_cast<Scalar>(value);
       }
     }
     return;
   }
-  using RowMap = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>;
+  const bool queries_consecutive = is_consecutive(qpos);
+  alignas(64) std::array<double, 2 * kDistanceChunk - 1> values;
   alignas(64) std::array<Scalar, 2 * kDistanceChunk - 1> window;
-  for (Index r0 = 0; r0 < rows; r0 += kDistanceChunk) {
-    const Index chunk_rows = std::min(kDistanceChunk, rows - r0);
-    for (Index c0 = 0; c0 < cols; c0 += kDistanceChunk) {
-      const Index chunk_cols = std::min(kDistanceChunk, cols - c0);
-      const Index top =
-          qpos[static_cast<std::size_t>(r0 + chunk_rows - 1)] - kpos[static_cast<std::size_t>(c0)];
-      for (Index m = 0; m < chunk_rows + chunk_cols - 1; ++m) {
-        window[static_cast<std::size_t>(m)] = static_cast<Scalar>(value(top - m));
+  const auto fill_window = [&](Index top, Index count) {
+    fill(top, count, values.data());
+    for (Index m = 0; m < count; ++m) {
+      window[static_cast<std::size_t>(m)] =
+          static_cast<Scalar>(values[static_cast<std::size_t>(m)]);
+    }
+  };
+  for (Index c0 = 0; c0 < cols; c0 += kDistanceChunk) {
+    const Index chunk_cols = std::min(kDistanceChunk, cols - c0);
+    const Index first_key = kpos[static_cast<std::size_t>(c0)];
+    if (!queries_consecutive) {
+      for (Index r = 0; r < rows; ++r) {
+        fill_window(qpos[static_cast<std::size_t>(r)] - first_key, chunk_cols);
+        add_row(window.data(), chunk_cols, &tile(r, c0));
       }
+      continue;
+    }
+    for (Index r0 = 0; r0 < rows; r0 += kDistanceChunk) {
+      const Index chunk_rows = std::min(kDistanceChunk, rows - r0);
+      fill_window(qpos[static_cast<std::size_t>(r0 + chunk_rows - 1)] - first_key,
+                  chunk_rows + chunk_cols - 1);
       for (Index r = 0; r < chunk_rows; ++r) {
-        tile.row(r0 + r).segment(c0, chunk_cols) +=
-            RowMap(window.data() + (chunk_rows - 1 - r), chunk_cols);
+        add_row(window.data() + (chunk_rows - 1 - r), chunk_cols, &tile(r0 + r, c0));
       }
     }
   }

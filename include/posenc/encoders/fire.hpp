@@ -74,8 +74,9 @@ struct FireOptions {
 /// - i is the absolute query position (the normaliser needs it; with a KV cache pass the true
 ///   position), j the key position; δ = |i − j| or max(i − j, 0) (BiasForm), query minus key.
 /// - Evaluated in double, cast to Scalar last. A one-input ReLU/LeakyReLU MLP is piecewise linear
-///   in x with at most W kinks, so each head's f is kept as its pieces (slope, intercept) and a
-///   tile row costs one ψ per distinct distance, one division and one multiply-add per element.
+///   in x with at most W kinks, so each head's f is kept as its pieces (slope, intercept), and a
+///   tile costs one ψ per distinct distance (vectorised), one normaliser per row, and per
+///   element one multiply (a float32 division when replaying DAPE) and one multiply-add.
 /// - Matches golden fire.json (ReLU, symmetric; float64 and float32) and DAPE's FIRE_C
 ///   (dape_fire_causal.json bias_B with FireOptions::dape).
 template <class T>
@@ -178,7 +179,7 @@ class Fire {
     const Index rows = tile.rows();
     const Index cols = tile.cols();
     if (rows == 0 || cols == 0) return;
-    if (!detail::is_consecutive(query_positions) || !detail::is_consecutive(key_positions)) {
+    if (!detail::is_consecutive(key_positions)) {
       for (Index r = 0; r < rows; ++r) {
         for (Index c = 0; c < cols; ++c) {
           tile(r, c) += bias(head, query_positions[static_cast<std::size_t>(r)],
@@ -187,32 +188,37 @@ class Fire {
       }
       return;
     }
-    // Consecutive positions: ψ of the rows + cols − 1 distinct distances once (psi[m] at
-    // distance top − m, as in detail::add_distance_bias), then per row the normalised distances
-    // and the pieces of f.
+    // Consecutive keys: ψ per distinct distance into a window (psi[m] at distance top − m, as in
+    // detail::add_distance_bias; one window per block when the queries are consecutive too, one
+    // per row otherwise), the row normalisers per block of rows, then per row the normalised
+    // distances and the pieces of f.
     constexpr Index chunk = detail::kDistanceChunk;
-    alignas(64) std::array<double, 2 * chunk - 1> psi_window;
+    alignas(64) std::array<double, 2 * chunk - 1> psi;
+    alignas(64) std::array<double, chunk> normaliser;
     alignas(64) std::array<double, chunk> x;
     const Pieces& pieces = pieces_[static_cast<std::size_t>(head)];
-    for (Index r0 = 0; r0 < rows; r0 += chunk) {
-      const Index chunk_rows = std::min(chunk, rows - r0);
-      for (Index c0 = 0; c0 < cols; c0 += chunk) {
-        const Index chunk_cols = std::min(chunk, cols - c0);
-        const Index top = query_positions[static_cast<std::size_t>(r0 + chunk_rows - 1)] -
-                          key_positions[static_cast<std::size_t>(c0)];
-        for (Index m = 0; m < chunk_rows + chunk_cols - 1; ++m) {
-          psi_window[static_cast<std::size_t>(m)] =
-              psi(detail::form_distance(options_.form, top - m));
+    const bool queries_consecutive = detail::is_consecutive(query_positions);
+    for (Index c0 = 0; c0 < cols; c0 += chunk) {
+      const Index chunk_cols = std::min(chunk, cols - c0);
+      const Index first_key = key_positions[static_cast<std::size_t>(c0)];
+      for (Index r0 = 0; r0 < rows; r0 += chunk) {
+        const Index chunk_rows = std::min(chunk, rows - r0);
+        const Positions block = query_positions.subspan(static_cast<std::size_t>(r0),
+                                                        static_cast<std::size_t>(chunk_rows));
+        row_normalisers(block, normaliser.data());
+        if (queries_consecutive) {
+          psi_window(block.back() - first_key, chunk_rows + chunk_cols - 1, psi.data());
         }
         for (Index r = 0; r < chunk_rows; ++r) {
-          const Index i = query_positions[static_cast<std::size_t>(r0 + r)];
-          const double* psi_row = psi_window.data() + (chunk_rows - 1 - r);
-          const double den = denominator(i);
-          for (Index c = 0; c < chunk_cols; ++c)
-            x[static_cast<std::size_t>(c)] = normalized(psi_row[c], den);
+          const Index i = block[static_cast<std::size_t>(r)];
+          const double* psi_row = psi.data() + (chunk_rows - 1 - r);
+          if (!queries_consecutive) {
+            psi_window(i - first_key, chunk_cols, psi.data());
+            psi_row = psi.data();
+          }
+          normalize_row(psi_row, chunk_cols, normaliser[static_cast<std::size_t>(r)], x.data());
           // Columns with i − j >= 0 have non-increasing x, the rest non-decreasing x.
-          const Index split =
-              std::clamp<Index>(i - key_positions[static_cast<std::size_t>(c0)] + 1, 0, chunk_cols);
+          const Index split = std::clamp<Index>(i - first_key + 1, 0, chunk_cols);
           auto row = tile.row(r0 + r).segment(c0, chunk_cols);
           add_pieces(pieces, x.data(), 0, split, false, row);
           add_pieces(pieces, x.data(), split, chunk_cols, true, row);
@@ -311,6 +317,47 @@ class Fire {
     }
     return std::log1p(std::abs(options_.c * std::max(static_cast<double>(i), threshold_))) +
            options_.eps;
+  }
+
+  /// out[m] = ψ(δ(top − m)) for m < count: vectorised in double, element by element when
+  /// replaying float32.
+  void psi_window(Index top, Index count, double* out) const {
+    if (options_.float32_distance) {
+      for (Index m = 0; m < count; ++m) out[m] = psi(detail::form_distance(options_.form, top - m));
+      return;
+    }
+    detail::form_distances(options_.form, top, count, out);
+    const double c = std::abs(options_.c);
+    for (Index m = 0; m < count; ++m) out[m] *= c;
+    detail::log1p_in_place(out, count);
+  }
+
+  /// Per query position: 1 / (ψ(max(i, L)) + eps) in double (rows then multiply), the
+  /// float32 denominator itself when replaying float32 (rows then divide, as the reference).
+  void row_normalisers(Positions queries, double* out) const {
+    const auto count = static_cast<Index>(queries.size());
+    if (options_.float32_distance) {
+      for (Index r = 0; r < count; ++r) out[r] = denominator(queries[static_cast<std::size_t>(r)]);
+      return;
+    }
+    const double c = std::abs(options_.c);
+    for (Index r = 0; r < count; ++r) {
+      out[r] = c * std::max(static_cast<double>(queries[static_cast<std::size_t>(r)]), threshold_);
+    }
+    detail::log1p_in_place(out, count);
+    for (Index r = 0; r < count; ++r) out[r] = 1.0 / (out[r] + options_.eps);
+  }
+
+  /// x[c] = the normalised distance of psi[c] in a row with normaliser `normaliser`, vectorised.
+  void normalize_row(const double* psi_row, Index count, double normaliser, double* x) const {
+    using Row = Eigen::Array<double, 1, Eigen::Dynamic>;
+    const Eigen::Map<const Row> in(psi_row, count);
+    Eigen::Map<Row> out(x, count);
+    if (options_.float32_distance) {
+      out = (in.cast<float>() / static_cast<float>(normaliser)).template cast<double>();
+    } else {
+      out = in * normaliser;
+    }
   }
 
   double normalized(double psi_value, double den) const {

@@ -33,8 +33,8 @@ enum class KerpleKernel {
 ///   behaves as 0.01). The reference names swap roles: ParallelKerpleLog's `bias_p` is r1 and
 ///   `bias_a` is r2; ParallelKerplePower's `bias_a` is r1 and `bias_p` is r2.
 /// - Evaluated in double (log1p, pow) and cast to Scalar last; one evaluation per distinct
-///   distance of a tile. Matches golden kerple.json (log, power, decode row) and DAPE's
-///   `ParallelKerpleLog`.
+///   distance of a tile, the log kernel's vectorised (detail::log1p_in_place). Matches golden
+///   kerple.json (log, power, decode row) and DAPE's `ParallelKerpleLog`.
 template <class T>
 class Kerple {
  public:
@@ -89,8 +89,20 @@ class Kerple {
   /// Adds B_h(query_positions[r], key_positions[c]) to tile(r, c).
   void add_bias(Index head, Positions query_positions, Positions key_positions,
                 TileRef<T> tile) const {
+    const double r1 = r1_[head];
+    const double r2 = r2_[head];
     detail::add_distance_bias<T>(query_positions, key_positions, tile,
-                                 [&](Index d) { return value(head, d); });
+                                 [&](Index top, Index count, double* out) {
+                                   detail::form_distances(form_, top, count, out);
+                                   if (kernel_ == KerpleKernel::log) {
+                                     for (Index m = 0; m < count; ++m) out[m] *= r2;
+                                     detail::log1p_in_place(out, count);
+                                     for (Index m = 0; m < count; ++m) out[m] *= -r1;
+                                   } else {
+                                     for (Index m = 0; m < count; ++m)
+                                       out[m] = -r1 * std::pow(out[m], r2);
+                                   }
+                                 });
   }
 
  private:

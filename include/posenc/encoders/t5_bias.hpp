@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 #include <utility>
+#include <vector>
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/random.hpp"
@@ -72,7 +73,9 @@ inline Index t5_bucket(Index relative_position, const T5BucketOptions& options) 
 ///   reads row t of the full bias, like HF with `cache_position`).
 /// - T5 attention has NO 1/sqrt(d) scaling (scores = q·k + B; the scale is folded into the init):
 ///   pass `AttentionOptions{.scale = 1.0}` to reproduce T5.
-/// - One bucket per distinct distance of a tile, then a table lookup. Matches golden
+/// - The buckets of relative positions up to the distance where both directions saturate
+///   (91 for the defaults) are tabulated on construction; a tile then costs one lookup per
+///   distinct distance and one add per element. Matches golden
 ///   t5_buckets.json (601 relative positions × 15 configurations, bucket matrices, bias lookup).
 template <class T>
 class T5RelativeBias {
@@ -90,6 +93,7 @@ class T5RelativeBias {
                     "table must be [num_buckets, heads] = [", options_.num_buckets,
                     ", heads >= 1], got [", table_.rows(), ", ", table_.cols(), "]");
     detail::require(table_.allFinite(), fn, "table must be finite");
+    build_lookup();
   }
 
   /// HF's initialisation: every entry ~ N(0, stddev²) (HF uses stddev = initializer_factor ·
@@ -123,12 +127,48 @@ class T5RelativeBias {
   /// Adds B_h(query_positions[r], key_positions[c]) to tile(r, c).
   void add_bias(Index head, Positions query_positions, Positions key_positions,
                 TileRef<T> tile) const {
-    detail::add_distance_bias<T>(query_positions, key_positions, tile, [&](Index d) {
-      return static_cast<double>(table_(bucket(-d), head));
-    });
+    detail::add_distance_bias<T>(
+        query_positions, key_positions, tile, [&](Index top, Index count, double* out) {
+          for (Index m = 0; m < count; ++m) {
+            out[m] = static_cast<double>(table_(tabulated_bucket(m - top), head));
+          }
+        });
   }
 
  private:
+  /// Relative positions tabulated at most, per side (beyond a saturated reach, buckets repeat).
+  static constexpr Index max_reach = 4096;
+
+  /// bucket(relative_position) from the table of buckets built on construction.
+  Index tabulated_bucket(Index relative_position) const {
+    if (relative_position < -reach_ || relative_position > reach_) {
+      if (!saturated_) return bucket(relative_position);
+      relative_position = relative_position < 0 ? -reach_ : reach_;
+    }
+    return buckets_[static_cast<std::size_t>(relative_position + reach_)];
+  }
+
+  /// Tabulates the buckets of −reach..reach, reach the smallest distance at which both
+  /// directions have reached their last bucket. The bucket is non-decreasing in the distance
+  /// (every float32 step is monotone) and capped by its last value, so it stays there beyond.
+  /// Pathological configurations that do not saturate within max_reach compute the buckets
+  /// beyond it directly.
+  void build_lookup() {
+    const Index per_direction =
+        options_.bidirectional ? options_.num_buckets / 2 : options_.num_buckets;
+    const Index last_past = per_direction - 1;
+    const Index last_future = options_.bidirectional ? options_.num_buckets - 1 : 0;
+    reach_ = 0;
+    while (reach_ < max_reach && (bucket(-reach_) != last_past || bucket(reach_) != last_future)) {
+      ++reach_;
+    }
+    saturated_ = bucket(-reach_) == last_past && bucket(reach_) == last_future;
+    buckets_.resize(static_cast<std::size_t>(2 * reach_ + 1));
+    for (Index r = -reach_; r <= reach_; ++r) {
+      buckets_[static_cast<std::size_t>(r + reach_)] = bucket(r);
+    }
+  }
+
   static void check_options(const char* fn, const T5BucketOptions& options) {
     const Index per_direction =
         options.bidirectional ? options.num_buckets / 2 : options.num_buckets;
@@ -143,6 +183,9 @@ class T5RelativeBias {
 
   Matrix<T> table_;
   T5BucketOptions options_;
+  Index reach_ = 0;
+  bool saturated_ = false;
+  std::vector<Index> buckets_;  // buckets of relative positions −reach_..reach_
 };
 
 static_assert(ScoreBias<T5RelativeBias<float>>);
