@@ -55,7 +55,8 @@ struct FireOptions {
   /// the standalone DAPE.py uses init_L itself: set `threshold` after the call).
   static FireOptions dape(Index noise_seq_length) {
     FireOptions options;
-    options.threshold = static_cast<double>(noise_seq_length / 2);
+    const Index halved = noise_seq_length / 2;  // Python's init_L // 2 (integer division)
+    options.threshold = static_cast<double>(halved);
     options.activation = FireActivation::leaky_relu;
     options.form = BiasForm::causal;
     options.float32_distance = true;
