@@ -93,6 +93,35 @@ TEST(T5Buckets, ExactNearAMillion) {
             tile_of(t5, 1, iota(40, 200), iota(300, 0)));
 }
 
+TEST(T5Buckets, TilesUseTheBucketsOfEveryDistance) {
+  // The tabulated buckets of the tile path against bucket() for every golden configuration, and
+  // for one whose exact range exceeds the table (buckets beyond it are computed directly).
+  const Json golden = test::load_golden("t5_buckets.json");
+  std::vector<T5BucketOptions> configs;
+  for (const Json& config : golden["inputs"]["configs"]) {
+    if (!golden["outputs"]["errors"].contains(config["key"].get<std::string>())) {
+      configs.push_back(options_of(config));
+    }
+  }
+  configs.push_back({.num_buckets = 20000, .max_distance = 30000, .bidirectional = true});
+  auto rng = test::make_rng(65);
+  for (const T5BucketOptions& options : configs) {
+    const auto t5 = T5RelativeBias<double>::random(1, 1.0, rng, options);
+    for (const Index first_key : {Index{-700}, Index{-6000}, Index{3000}}) {
+      const auto queries = iota(40, 0);
+      const auto keys = iota(1500, first_key);
+      const auto tile = tile_of(t5, 0, queries, keys);
+      for (Index r = 0; r < tile.rows(); ++r) {
+        for (Index c = 0; c < tile.cols(); ++c) {
+          ASSERT_EQ(tile(r, c), t5.table()(t5.bucket(keys[static_cast<std::size_t>(c)] - r), 0))
+              << options.num_buckets << " buckets, relative position "
+              << keys[static_cast<std::size_t>(c)] - r;
+        }
+      }
+    }
+  }
+}
+
 template <class T>
 class T5BiasTest : public ::testing::Test {};
 TYPED_TEST_SUITE(T5BiasTest, test::Scalars);

@@ -70,7 +70,7 @@ inline Vector<double> alibi_slopes(Index heads, AlibiSlopes rounding = AlibiSlop
 ///   gpt-neox's −m(i − j) with 0 above the diagonal (golden alibi.json `gptneox_bias`; DAPE's
 ///   `AliBi`); the authors' fairseq rows m·j differ from it by the per-row constant m·i, which
 ///   softmax ignores. The symmetric form is OpenNMT-py's −m|j − i| (`onmt_bias`).
-/// - Example: see the README's bias table; `attention(q, k, v, Alibi<float>(8))`.
+/// - Example: examples/relative_biases.cpp; `attention(q, k, v, Alibi<float>(8))`.
 template <class T>
 class Alibi {
  public:

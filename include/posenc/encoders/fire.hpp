@@ -80,6 +80,7 @@ struct FireOptions {
 ///   element one multiply (a float32 division when replaying DAPE) and one multiply-add.
 /// - Matches golden fire.json (ReLU, symmetric; float64 and float32) and DAPE's FIRE_C
 ///   (dape_fire_causal.json bias_B with FireOptions::dape).
+/// - Example: examples/relative_biases.cpp.
 template <class T>
 class Fire {
  public:

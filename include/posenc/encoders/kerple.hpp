@@ -35,6 +35,7 @@ enum class KerpleKernel {
 /// - Evaluated in double (log1p, pow) and cast to Scalar last; one evaluation per distinct
 ///   distance of a tile, the log kernel's vectorised (detail::log1p_in_place). Matches golden
 ///   kerple.json (log, power, decode row) and DAPE's `ParallelKerpleLog`.
+/// - Example: examples/relative_biases.cpp.
 template <class T>
 class Kerple {
  public:

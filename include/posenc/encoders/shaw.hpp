@@ -40,6 +40,7 @@ enum class ShawValues {
 ///   the keys (t2t) passes query_offset = M − N.
 /// - Per tile: the products of the queries with the table rows the tile needs (one small GEMM),
 ///   then contiguous runs per row for consecutive key positions.
+/// - Example: examples/relative_biases.cpp.
 template <class T>
 class ShawRelative {
  public:

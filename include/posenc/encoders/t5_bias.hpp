@@ -77,6 +77,7 @@ inline Index t5_bucket(Index relative_position, const T5BucketOptions& options) 
 ///   (91 for the defaults) are tabulated on construction; a tile then costs one lookup per
 ///   distinct distance and one add per element. Matches golden
 ///   t5_buckets.json (601 relative positions × 15 configurations, bucket matrices, bias lookup).
+/// - Example: examples/relative_biases.cpp.
 template <class T>
 class T5RelativeBias {
  public:
