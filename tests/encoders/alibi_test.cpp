@@ -5,6 +5,7 @@
 
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "encoders/bias_checks.hpp"
@@ -137,13 +138,15 @@ TYPED_TEST(AlibiTest, AuthorsRowsDifferByARowConstantOnly) {
 
 TYPED_TEST(AlibiTest, ToeplitzAndAccurateNearAMillion) {
   using T = TypeParam;
-  for (const BiasForm form : {BiasForm::causal, BiasForm::symmetric}) {
+  // Tiles wider and taller than the 256-distance windows, so both chunk loops run.
+  for (const auto& [rows, cols] : {std::pair<Index, Index>{37, 300}, {300, 41}}) {
+    const BiasForm form = rows < cols ? BiasForm::causal : BiasForm::symmetric;
     const Alibi<T> alibi(12, form);
-    const auto queries = iota(37, 1'000'000);
-    const auto keys = iota(300, 999'850);
+    const auto queries = iota(rows, 1'000'000);
+    const auto keys = iota(cols, 999'850);
     for (Index h = 0; h < 12; ++h) {
       const auto far = tile_of(alibi, h, queries, keys);
-      const auto near = tile_of(alibi, h, iota(37, 150), iota(300, 0));
+      const auto near = tile_of(alibi, h, iota(rows, 150), iota(cols, 0));
       ASSERT_TRUE(far.allFinite());
       EXPECT_EQ(far, near) << "the bias depends on i - j only";
       Matrix<double> exact(far.rows(), far.cols());

@@ -66,7 +66,7 @@ inline bool is_consecutive(Positions positions) {
 }
 
 /// Rows and columns of a tile handled per distance window (the window holds 2·chunk − 1 values).
-inline constexpr Index kDistanceChunk = 256;
+inline constexpr Index distance_chunk = 256;
 
 /// row[c] += values[c] for c < count (a plain loop: the compiler vectorises it without the
 /// per-call overhead of an Eigen segment expression).
@@ -100,8 +100,8 @@ void add_distance_bias(Positions qpos, Positions kpos, TileRef<Scalar> tile, con
     return;
   }
   const bool queries_consecutive = is_consecutive(qpos);
-  alignas(64) std::array<double, 2 * kDistanceChunk - 1> values;
-  alignas(64) std::array<Scalar, 2 * kDistanceChunk - 1> window;
+  alignas(64) std::array<double, 2 * distance_chunk - 1> values;
+  alignas(64) std::array<Scalar, 2 * distance_chunk - 1> window;
   const auto fill_window = [&](Index top, Index count) {
     fill(top, count, values.data());
     for (Index m = 0; m < count; ++m) {
@@ -109,8 +109,8 @@ void add_distance_bias(Positions qpos, Positions kpos, TileRef<Scalar> tile, con
           static_cast<Scalar>(values[static_cast<std::size_t>(m)]);
     }
   };
-  for (Index c0 = 0; c0 < cols; c0 += kDistanceChunk) {
-    const Index chunk_cols = std::min(kDistanceChunk, cols - c0);
+  for (Index c0 = 0; c0 < cols; c0 += distance_chunk) {
+    const Index chunk_cols = std::min(distance_chunk, cols - c0);
     const Index first_key = kpos[static_cast<std::size_t>(c0)];
     if (!queries_consecutive) {
       for (Index r = 0; r < rows; ++r) {
@@ -119,8 +119,8 @@ void add_distance_bias(Positions qpos, Positions kpos, TileRef<Scalar> tile, con
       }
       continue;
     }
-    for (Index r0 = 0; r0 < rows; r0 += kDistanceChunk) {
-      const Index chunk_rows = std::min(kDistanceChunk, rows - r0);
+    for (Index r0 = 0; r0 < rows; r0 += distance_chunk) {
+      const Index chunk_rows = std::min(distance_chunk, rows - r0);
       fill_window(qpos[static_cast<std::size_t>(r0 + chunk_rows - 1)] - first_key,
                   chunk_rows + chunk_cols - 1);
       for (Index r = 0; r < chunk_rows; ++r) {

@@ -194,7 +194,7 @@ class Fire {
     // detail::add_distance_bias; one window per block when the queries are consecutive too, one
     // per row otherwise), the row normalisers per block of rows, then per row the normalised
     // distances and the pieces of f.
-    constexpr Index chunk = detail::kDistanceChunk;
+    constexpr Index chunk = detail::distance_chunk;
     alignas(64) std::array<double, 2 * chunk - 1> psi;
     alignas(64) std::array<double, chunk> normaliser;
     alignas(64) std::array<double, chunk> x;
