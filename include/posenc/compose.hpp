@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: MIT
+// compose(a, b, …): one encoder that models every stage its parts model, so that encodings of
+// different stages stack (a query/key transform with a bias) and biases add up.
+#pragma once
+
+#include <type_traits>
+#include <utility>
+
+#include "posenc/detail/check.hpp"
+#include "posenc/encoding.hpp"
+#include "posenc/tensor.hpp"
+
+namespace posenc {
+
+namespace detail {
+
+template <class E>
+concept HasHeads = ScoreBias<E> || ScoreMixer<E>;
+
+/// The Scalar of a composition: the parts' common Scalar (a part without one, such as
+/// NoPositionalEncoding, defers to the other).
+template <class A, class B>
+struct composed_scalar {
+  using SA = typename encoder_scalar<A>::type;
+  using SB = typename encoder_scalar<B>::type;
+  static_assert(std::is_void_v<SA> || std::is_void_v<SB> || std::is_same_v<SA, SB>,
+                "posenc::compose: the encoders have different Scalar types (float vs double); "
+                "build both for the scalar of q, k, v");
+  static_assert(!(std::is_void_v<SA> && std::is_void_v<SB>),
+                "posenc::compose: neither encoder has a Scalar; there is nothing to compose");
+  using type = std::conditional_t<std::is_void_v<SA>, SB, SA>;
+};
+
+}  // namespace detail
+
+/// The composition of two encoders A (first) and B (second), built by `compose`. It models the
+/// union of their stages by forwarding:
+///
+///   QueryKeyTransform   A then B (B transforms A's output; widths chain)
+///   ScoreBias           the biases add: bias = bias_A + bias_B
+///   RelativeKeyValue    both terms add
+///   ScoreMixer          forwarded (at most one part may be a mixer)
+///   AbsoluteEncoding    both add to the embeddings
+///   validate(shape)     forwarded to each part with the widths that part sees: a transform its
+///                       input width, every other stage the final logit width
+///
+/// Parts that model heads (biases, mixers) must agree on the head count (checked on
+/// construction); the Scalar types must agree (checked at compile time). Nesting composes more
+/// than two: compose(a, b, c) is Composed<Composed<A, B>, C>.
+template <class A, class B>
+class Composed {
+  static_assert(!(ScoreMixer<A> && ScoreMixer<B>),
+                "posenc::compose: two ScoreMixers cannot be composed (each produces the final "
+                "scores from the logits)");
+
+  static constexpr bool transforms = QueryKeyTransform<A> || QueryKeyTransform<B>;
+  static constexpr bool biases = ScoreBias<A> || ScoreBias<B>;
+  static constexpr bool relative = RelativeKeyValue<A> || RelativeKeyValue<B>;
+  static constexpr bool mixes = ScoreMixer<A> || ScoreMixer<B>;
+  static constexpr bool absolute = AbsoluteEncoding<A> || AbsoluteEncoding<B>;
+  static constexpr bool has_heads = detail::HasHeads<A> || detail::HasHeads<B>;
+
+ public:
+  using Scalar = typename detail::composed_scalar<A, B>::type;
+
+  /// Throws std::invalid_argument when both parts model heads and their counts differ.
+  Composed(A first, B second) : first_(std::move(first)), second_(std::move(second)) {
+    if constexpr (detail::HasHeads<A> && detail::HasHeads<B>) {
+      detail::require(static_cast<Index>(first_.heads()) == static_cast<Index>(second_.heads()),
+                      "posenc::compose", "the first encoder has ", first_.heads(),
+                      " heads but the second has ", second_.heads());
+    }
+  }
+
+  const A& first() const { return first_; }
+  const B& second() const { return second_; }
+
+  // --- QueryKeyTransform ---------------------------------------------------------------------
+
+  Index transformed_dim(Index dim) const requires transforms {
+    return second_width(first_width(dim));
+  }
+
+  void transform_queries(Index head, Positions positions, Index centre, ConstTileRef<Scalar> in,
+                         TileRef<Scalar> out) const requires transforms {
+    transform(head, positions, centre, in, out, /*queries=*/true);
+  }
+
+  void transform_keys(Index head, Positions positions, Index centre, ConstTileRef<Scalar> in,
+                      TileRef<Scalar> out) const requires transforms {
+    transform(head, positions, centre, in, out, /*queries=*/false);
+  }
+
+  // --- ScoreBias and ScoreMixer --------------------------------------------------------------
+
+  Index heads() const requires has_heads {
+    if constexpr (detail::HasHeads<A>) {
+      return static_cast<Index>(first_.heads());
+    } else {
+      return static_cast<Index>(second_.heads());
+    }
+  }
+
+  Scalar bias(Index head, Index i, Index j) const requires biases {
+    Scalar sum = Scalar(0);
+    if constexpr (ScoreBias<A>) sum += static_cast<Scalar>(first_.bias(head, i, j));
+    if constexpr (ScoreBias<B>) sum += static_cast<Scalar>(second_.bias(head, i, j));
+    return sum;
+  }
+
+  void add_bias(Index head, Positions query_positions, Positions key_positions,
+                TileRef<Scalar> tile) const requires biases {
+    if constexpr (ScoreBias<A>) first_.add_bias(head, query_positions, key_positions, tile);
+    if constexpr (ScoreBias<B>) second_.add_bias(head, query_positions, key_positions, tile);
+  }
+
+  // --- RelativeKeyValue ----------------------------------------------------------------------
+
+  void add_relative_logits(Index head, Positions query_positions, Positions key_positions,
+                           ConstTileRef<Scalar> scaled_queries,
+                           TileRef<Scalar> logits) const requires relative {
+    if constexpr (RelativeKeyValue<A>) {
+      first_.add_relative_logits(head, query_positions, key_positions, scaled_queries, logits);
+    }
+    if constexpr (RelativeKeyValue<B>) {
+      second_.add_relative_logits(head, query_positions, key_positions, scaled_queries, logits);
+    }
+  }
+
+  void add_relative_values(Index head, Positions query_positions, Positions key_positions,
+                           ConstTileRef<Scalar> weights,
+                           TileRef<Scalar> output) const requires relative {
+    if constexpr (RelativeKeyValue<A>) {
+      first_.add_relative_values(head, query_positions, key_positions, weights, output);
+    }
+    if constexpr (RelativeKeyValue<B>) {
+      second_.add_relative_values(head, query_positions, key_positions, weights, output);
+    }
+  }
+
+  // --- ScoreMixer ----------------------------------------------------------------------------
+
+  Index key_halo() const requires mixes { return static_cast<Index>(mixer().key_halo()); }
+
+  void mix(Positions query_positions, Positions key_positions, Index first_key, Index key_count,
+           ConstTileRef<Scalar> logits, TileRef<Scalar> scores) const requires mixes {
+    mixer().mix(query_positions, key_positions, first_key, key_count, logits, scores);
+  }
+
+  // --- AbsoluteEncoding ----------------------------------------------------------------------
+
+  void add_to(TileRef<Scalar> x, Index first_position) const requires absolute {
+    if constexpr (AbsoluteEncoding<A>) first_.add_to(x, first_position);
+    if constexpr (AbsoluteEncoding<B>) second_.add_to(x, first_position);
+  }
+
+  // --- validate ------------------------------------------------------------------------------
+
+  void validate(const AttentionShape& shape) const {
+    AttentionShape at_logits = shape;
+    at_logits.query_dim = second_width(first_width(shape.query_dim));
+    if constexpr (detail::HasValidate<A>) {
+      first_.validate(QueryKeyTransform<A> ? shape : at_logits);
+    }
+    if constexpr (detail::HasValidate<B>) {
+      AttentionShape after_first = shape;
+      after_first.query_dim = first_width(shape.query_dim);
+      second_.validate(QueryKeyTransform<B> ? after_first : at_logits);
+    }
+  }
+
+ private:
+  Index first_width(Index dim) const {
+    if constexpr (QueryKeyTransform<A>) {
+      return static_cast<Index>(first_.transformed_dim(dim));
+    } else {
+      return dim;
+    }
+  }
+
+  Index second_width(Index dim) const {
+    if constexpr (QueryKeyTransform<B>) {
+      return static_cast<Index>(second_.transformed_dim(dim));
+    } else {
+      return dim;
+    }
+  }
+
+  const auto& mixer() const {
+    if constexpr (ScoreMixer<A>) {
+      return first_;
+    } else {
+      return second_;
+    }
+  }
+
+  template <class E>
+  static void transform_one(const E& e, Index head, Positions positions, Index centre,
+                            ConstTileRef<Scalar> in, TileRef<Scalar> out, bool queries) {
+    if (queries) {
+      e.transform_queries(head, positions, centre, in, out);
+    } else {
+      e.transform_keys(head, positions, centre, in, out);
+    }
+  }
+
+  void transform(Index head, Positions positions, Index centre, ConstTileRef<Scalar> in,
+                 TileRef<Scalar> out, bool queries) const {
+    if constexpr (QueryKeyTransform<A> && QueryKeyTransform<B>) {
+      const Index middle = first_width(in.cols());
+      if (middle == out.cols()) {
+        // A writes straight into `out`; B then transforms it in place (its width is unchanged).
+        transform_one(first_, head, positions, centre, in, out, queries);
+        transform_one(second_, head, positions, centre, out, out, queries);
+      } else {
+        Matrix<Scalar> between(in.rows(), middle);
+        transform_one(first_, head, positions, centre, in, between, queries);
+        transform_one(second_, head, positions, centre, between, out, queries);
+      }
+    } else if constexpr (QueryKeyTransform<A>) {
+      transform_one(first_, head, positions, centre, in, out, queries);
+    } else {
+      transform_one(second_, head, positions, centre, in, out, queries);
+    }
+  }
+
+  A first_;
+  B second_;
+};
+
+/// One encoder modelling the stages of all its arguments (see Composed): e.g.
+/// compose(RotaryEncoding<float>(64), Alibi<float>(8)), or two biases that add. Throws
+/// std::invalid_argument when parts with heads disagree on the head count.
+template <class A, class B, class... Rest>
+auto compose(A a, B b, Rest... rest) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return Composed<A, B>(std::move(a), std::move(b));
+  } else {
+    return compose(Composed<A, B>(std::move(a), std::move(b)), std::move(rest)...);
+  }
+}
+
+}  // namespace posenc
