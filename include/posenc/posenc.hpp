@@ -22,3 +22,11 @@
 #include "posenc/encoders/sine_spe.hpp"
 #include "posenc/encoders/spe_gate.hpp"
 #include "posenc/linear_attention.hpp"
+
+// Relative position biases and composition of encoders.
+#include "posenc/compose.hpp"
+#include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/fire.hpp"
+#include "posenc/encoders/kerple.hpp"
+#include "posenc/encoders/shaw.hpp"
+#include "posenc/encoders/t5_bias.hpp"
