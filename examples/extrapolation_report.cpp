@@ -284,6 +284,7 @@ int main(int argc, char** argv) {
   }
   for (Index n = s.train; n <= (quick ? 512 : 8192); n *= 2) s.lengths.push_back(n);
   std::filesystem::create_directories(s.out);
+  s.out = std::filesystem::absolute(s.out).lexically_normal();  // printed paths are absolute
 
   std::printf(
       "posenc extrapolation report: %ld heads, head dim %ld, random N(0,1) q/k/v (seeded),\n"
