@@ -129,7 +129,8 @@ inline Vector<double> rotary_score_curve(
 /// options.decay, XPos's ζ_i = (2i + γ·d)/((1 + γ)·d) (golden/attention_resolution.json:
 /// "rope", "xpos_code_default" = {0.4, 512}, "xpos_scale_base_16", "xpos_scale_base_1").
 /// Example: `rotary_score_curve(64, 63, {.decay = XPosDecay{}})`.
-/// Throws for an odd or non-positive head_dim, base ≤ 1 or γ < 0 (ζ must be positive).
+/// Throws for an odd or non-positive head_dim, base ≤ 1, γ ≤ 0 (ζ must be positive) or a bad
+/// scale_base / max_distance (as above).
 inline Vector<double> rotary_score_curve(Index head_dim, Index max_distance,
                                          const RotaryScoreCurve& options = {}) {
   constexpr const char* fn = "posenc::rotary_score_curve";
