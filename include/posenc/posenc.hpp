@@ -3,12 +3,12 @@
 // masks, stage concepts, attention kernels) and every encoder and analysis tool.
 #pragma once
 
-#include "posenc/analysis/attention_resolution.hpp"
-#include "posenc/analysis/attention_scores.hpp"
-#include "posenc/analysis/attention_statistics.hpp"
-#include "posenc/analysis/receptive_field.hpp"
+// Core: shapes, masks, stage concepts, the attention kernels, composition, decoding.
 #include "posenc/attention.hpp"
+#include "posenc/compose.hpp"
 #include "posenc/encoding.hpp"
+#include "posenc/kv_cache.hpp"
+#include "posenc/linear_attention.hpp"
 #include "posenc/mask.hpp"
 #include "posenc/tensor.hpp"
 
@@ -16,21 +16,23 @@
 #include "posenc/encoders/learned_absolute.hpp"
 #include "posenc/encoders/sinusoidal.hpp"
 
-// Rotary encodings and KV-cache decoding.
+// Rotary encodings.
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/xpos.hpp"
-#include "posenc/kv_cache.hpp"
 
-// Stochastic positional encoding and linear attention.
-#include "posenc/encoders/conv_spe.hpp"
-#include "posenc/encoders/sine_spe.hpp"
-#include "posenc/encoders/spe_gate.hpp"
-#include "posenc/linear_attention.hpp"
-
-// Relative position biases and composition of encoders.
-#include "posenc/compose.hpp"
+// Relative position biases.
 #include "posenc/encoders/alibi.hpp"
 #include "posenc/encoders/fire.hpp"
 #include "posenc/encoders/kerple.hpp"
 #include "posenc/encoders/shaw.hpp"
 #include "posenc/encoders/t5_bias.hpp"
+
+// Stochastic positional encoding.
+#include "posenc/encoders/conv_spe.hpp"
+#include "posenc/encoders/sine_spe.hpp"
+#include "posenc/encoders/spe_gate.hpp"
+
+// Analysis.
+#include "posenc/analysis/attention_resolution.hpp"
+#include "posenc/analysis/attention_statistics.hpp"
+#include "posenc/analysis/receptive_field.hpp"

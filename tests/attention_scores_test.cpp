@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // attention_scores: its softmax is attention_weights (same stages, masks and positions), masked
 // entries are −inf.
-#include "posenc/analysis/attention_scores.hpp"
+#include "posenc/attention.hpp"
 
 #include <gtest/gtest.h>
 
