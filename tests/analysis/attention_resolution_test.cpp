@@ -9,6 +9,8 @@
 #include <limits>
 #include <string>
 
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/xpos.hpp"
 #include "support/golden.hpp"
 #include "support/test_support.hpp"
 
@@ -97,6 +99,65 @@ TEST(RotaryScoreCurve, DesignTimeGolden) {
     ++cases;
   }
   EXPECT_EQ(cases, 48);
+}
+
+TEST(RotaryScoreCurve, FromEncodersMatchesTheGolden) {
+  const auto golden = load_golden("attention_resolution.json");
+  int cases = 0;
+  for (const auto& c : golden.at("design_time")) {
+    const auto d = c.at("head_dim").get<Index>();
+    const auto N = c.at("N").get<Index>();
+    const std::string variant = c.at("variant").get<std::string>();
+    const std::string label = variant + " d=" + std::to_string(d) + " N=" + std::to_string(N);
+    const Vector<double> golden_raw = test::to_vector(c.at("s_raw"));
+    const auto check = [&](const auto& encoder) {
+      const Vector<double> raw = rotary_score_curve(encoder, N + 1, ScoreNormalization::raw);
+      ASSERT_EQ(raw.size(), N + 2) << label;
+      EXPECT_LE(test::relative_error(raw, golden_raw), 1e-12) << label;
+      expect_relative(attention_resolution(raw), c.at("R_of_s_raw").get<double>(), label);
+      expect_relative(attention_resolution(rotary_score_curve(encoder, N + 1)),
+                      c.at("R_of_g (s_raw/2 = sum_i cos*zeta)").get<double>(), label + " sum");
+      expect_relative(
+          attention_resolution(rotary_score_curve(encoder, N + 1, ScoreNormalization::mean)),
+          c.at("R_of_mean (s_raw/d = mean_i cos*zeta)").get<double>(), label + " mean");
+    };
+    if (variant == "rope") {
+      check(RotaryEncoding<double>(d));
+      check(RotaryEncoding<float>(d, {.pairing = RotaryPairing::half}));  // θ in double either way
+    } else {
+      check(XPosEncoding<double>(d, {.scale_base = c.at("scale_base").get<double>()}));
+      check(XPosEncoding<float>(d, {.scale_base = c.at("scale_base").get<double>()}));
+    }
+    ++cases;
+  }
+  EXPECT_EQ(cases, 48);
+}
+
+TEST(RotaryScoreCurve, FromEncodersWithScalings) {
+  const Index d = 32;
+  const Vector<double> plain = rotary_score_curve(RotaryEncoding<double>(d), 200);
+  // Linear interpolation by s stretches the curve: g_s[s·n] = g[n].
+  const Vector<double> linear =
+      rotary_score_curve(RotaryEncoding<double>(d, {.scaling = RopeScaling::linear(4.0)}), 800);
+  for (Index n = 0; n <= 200; ++n) EXPECT_NEAR(linear[4 * n], plain[n], 1e-12 * d) << n;
+  // YaRN: the encoder's frequencies, and every logit scaled by the squared magnitude.
+  const RotaryEncoding<double> yarn(d, {.scaling = RopeScaling::yarn(8.0, 128)});
+  const double magnitude = 0.1 * std::log(8.0) + 1.0;
+  EXPECT_NEAR(yarn.magnitude(), magnitude, 1e-15);
+  const Vector<double> curve = rotary_score_curve(yarn, 300);
+  const Vector<double> unscaled = rotary_score_curve(yarn.frequencies(), {}, 1.0, 300);
+  EXPECT_LE(test::relative_error(curve, Vector<double>(magnitude * magnitude * unscaled)), 1e-15);
+  EXPECT_NEAR(curve[0], magnitude * magnitude * d / 2, 1e-12);
+  // The slowest pairs are interpolated (θ/8), the fastest kept: the curve differs from RoPE's
+  // beyond the magnitude, and with `mean` starts at magnitude².
+  EXPECT_GT((curve / (magnitude * magnitude) - plain.head(301)).cwiseAbs().maxCoeff(), 1e-3);
+  EXPECT_NEAR(rotary_score_curve(yarn, 10, ScoreNormalization::mean)[0], magnitude * magnitude,
+              1e-14);
+  // Partial rotary: only the rotated pairs enter.
+  const RotaryEncoding<double> partial(d, {.rotary_dim = 16});
+  EXPECT_DOUBLE_EQ(rotary_score_curve(partial, 5)[0], 8.0);
+  POSENC_EXPECT_INVALID(rotary_score_curve(partial, -1), "posenc::rotary_score_curve",
+                        "max_distance");
 }
 
 TEST(RotaryScoreCurve, ExplicitFrequenciesMatchTheHeadDimForm) {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Theoretical receptive field (golden/trf.json, the ALiBi closed form, monotonicity in eps,
 // divergent series), the numerical pieces it rests on (Hurwitz zeta, stretched-exponential tails),
-// and the empirical receptive field on synthetic weights with known answers.
+// the overloads for the library's encoders (limit series, per-query-position field, non-additive
+// encoders), and the empirical receptive field on synthetic weights with known answers.
 #include "posenc/analysis/receptive_field.hpp"
 
 #include <gtest/gtest.h>
@@ -14,6 +15,16 @@
 #include <vector>
 
 #include "posenc/attention.hpp"
+#include "posenc/compose.hpp"
+#include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/conv_spe.hpp"
+#include "posenc/encoders/fire.hpp"
+#include "posenc/encoders/kerple.hpp"
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/shaw.hpp"
+#include "posenc/encoders/sine_spe.hpp"
+#include "posenc/encoders/t5_bias.hpp"
+#include "posenc/encoders/xpos.hpp"
 #include "support/golden.hpp"
 #include "support/test_support.hpp"
 
@@ -309,6 +320,312 @@ TEST(TrfNumerics, StretchedExponentialTails) {
     EXPECT_LE(std::fabs(detail::power_tail_ratio(c.c, c.p, c.first) - brute), 1e-14L * brute)
         << static_cast<double>(c.c) << " " << static_cast<double>(c.p) << " " << c.first;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The library's encoders
+// ---------------------------------------------------------------------------------------------
+
+/// TRF_ε of the window b(0 … last) by brute force in long double (the definition, no engine).
+template <class B>
+Index brute_force_trf(const B& b, Index last, double eps) {
+  std::vector<long double> w(static_cast<std::size_t>(last) + 1);
+  long double total = 0.0L;
+  for (Index t = 0; t <= last; ++t) total += w[static_cast<std::size_t>(t)] = std::exp(b(t));
+  long double partial = 0.0L;
+  for (Index K = 1; K <= last + 1; ++K) {
+    partial += w[static_cast<std::size_t>(K - 1)];
+    if (partial >= (1.0L - eps) * total) return K;
+  }
+  return last + 1;
+}
+
+/// A bias that forwards to another, so the generic AdditiveBias engine sees an opaque type.
+template <class Bias>
+struct Opaque {
+  using Scalar = typename Bias::Scalar;
+  Bias inner;
+  Index heads() const { return inner.heads(); }
+  Scalar bias(Index h, Index i, Index j) const { return inner.bias(h, i, j); }
+  void add_bias(Index h, Positions qpos, Positions kpos, TileRef<Scalar> tile) const {
+    inner.add_bias(h, qpos, kpos, tile);
+  }
+};
+
+TEST(EncoderReceptiveField, GoldenThroughAlibiAndKerple) {
+  const auto golden = test::load_golden("trf.json");
+  int checked = 0;
+  for (const auto& c : golden.at("cases")) {
+    const std::string rpe = c.at("rpe").get<std::string>();
+    const auto& p = c.at("params");
+    for (const auto& [eps_text, expected] : c.at("trf_count").items()) {
+      const double eps = std::stod(eps_text);
+      std::vector<ReceptiveField> fields;
+      if (rpe == "alibi") {
+        const Alibi<double> alibi(Vector<double>::Constant(2, p.at("m").get<double>()));
+        const Alibi<float> symmetric(Vector<double>::Constant(1, p.at("m").get<double>()),
+                                     BiasForm::symmetric);
+        fields = {theoretical_receptive_field(alibi, 1, eps),
+                  theoretical_receptive_field(symmetric, 0, eps)};
+        EXPECT_TRUE(contains(fields[1].reason, "symmetric form")) << fields[1].reason;
+      } else if (rpe == "kerple_log" || rpe == "kerple_power") {
+        const auto kernel = rpe == "kerple_log" ? KerpleKernel::log : KerpleKernel::power;
+        const Vector<double> r1 = Vector<double>::Constant(1, p.at("r1").get<double>());
+        const Vector<double> r2 = Vector<double>::Constant(1, p.at("r2").get<double>());
+        fields = {theoretical_receptive_field(Kerple<double>(kernel, r1, r2), 0, eps),
+                  theoretical_receptive_field(Kerple<float>(kernel, r1, r2, BiasForm::symmetric), 0,
+                                              eps)};
+      } else {
+        continue;
+      }
+      for (const ReceptiveField& field : fields) {
+        EXPECT_TRUE(field.additive);
+        EXPECT_TRUE(contains(field.reason, "head ")) << field.reason;
+        if (expected.is_null()) {
+          EXPECT_FALSE(field.finite) << field.reason;
+          EXPECT_TRUE(contains(field.reason, "diverges")) << field.reason;
+          continue;
+        }
+        ASSERT_TRUE(field.finite) << rpe << " " << p.dump() << ": " << field.reason;
+        EXPECT_EQ(field.tokens, expected.get<Index>()) << rpe << " " << p.dump() << " " << eps;
+        ++checked;
+      }
+    }
+  }
+  EXPECT_EQ(checked, 10 * 4 * 2);
+}
+
+TEST(EncoderReceptiveField, AlibiAndKerpleHeadsMatchTheClosedForms) {
+  const Alibi<float> alibi(8);
+  for (Index h = 0; h < alibi.heads(); ++h) {
+    for (const double eps : {0.5, 0.05, 1e-4}) {
+      const ReceptiveField field = theoretical_receptive_field(alibi, h, eps);
+      EXPECT_EQ(field.tokens, trf_alibi(alibi.slopes()[h], eps).tokens);
+      EXPECT_TRUE(contains(field.reason, "head " + std::to_string(h) + " of ALiBi: geometric"))
+          << field.reason;
+      // The generic engine (opaque type, detected asymptote) agrees away from ties.
+      EXPECT_EQ(theoretical_receptive_field(Opaque<Alibi<float>>{alibi}, h, eps).tokens,
+                field.tokens);
+    }
+    EXPECT_TRUE(convergence(alibi, h).converges);
+  }
+  // Parameters are read after the reference's clamps (r2 = 0.001 acts as 0.01, r2 = 3 as 2).
+  Vector<double> r1(3), r2(3);
+  r1 << 2.0, 0.5, 1.5;
+  r2 << 1.0, 0.5, 0.001;
+  const Kerple<double> log(KerpleKernel::log, r1, r2);
+  EXPECT_EQ(theoretical_receptive_field(log, 0, 0.1).tokens, trf_kerple_log(2.0, 1.0, 0.1).tokens);
+  EXPECT_EQ(theoretical_receptive_field(log, 2, 0.1).tokens, trf_kerple_log(1.5, 0.01, 0.1).tokens);
+  const ReceptiveField heavy = theoretical_receptive_field(log, 1, 0.1);  // r1 = 0.5 <= 1
+  EXPECT_FALSE(heavy.finite);
+  EXPECT_TRUE(contains(heavy.reason, "head 1 of KERPLE-log: p-series")) << heavy.reason;
+  EXPECT_FALSE(convergence(log, 1).converges);
+  EXPECT_TRUE(convergence(log, 1).determined);
+  r2 << 1.0, 0.5, 3.0;
+  const Kerple<double> power(KerpleKernel::power, r1, r2);
+  for (Index h = 0; h < 3; ++h) {
+    EXPECT_EQ(theoretical_receptive_field(power, h, 0.05).tokens,
+              trf_kerple_power(power.r1()[h], power.r2()[h], 0.05).tokens);
+  }
+  EXPECT_EQ(power.r2()[2], 2.0);
+}
+
+TEST(EncoderReceptiveField, T5HasAConstantTail) {
+  auto rng = test::make_rng(41);
+  for (const bool bidirectional : {false, true}) {
+    const T5BucketOptions options{
+        .num_buckets = 32, .max_distance = 128, .bidirectional = bidirectional};
+    const auto t5 = T5RelativeBias<double>::random(3, 1.0, rng, options);
+    const Index last = bidirectional ? 15 : 31;
+    Index from = 0;
+    while (t5_bucket(-from, options) != last) ++from;
+    for (Index h = 0; h < 3; ++h) {
+      const ReceptiveField field = theoretical_receptive_field(t5, h, 0.1);
+      EXPECT_FALSE(field.finite);
+      EXPECT_TRUE(field.additive);
+      EXPECT_TRUE(std::isinf(field.total_weight));
+      EXPECT_TRUE(contains(field.reason, "head " + std::to_string(h) +
+                                             " of T5: distances t >= " + std::to_string(from) +
+                                             " share the last bucket " + std::to_string(last)))
+          << field.reason;
+      EXPECT_TRUE(contains(field.reason, "diverges")) << field.reason;
+      const Convergence test = convergence(t5, h);
+      EXPECT_FALSE(test.converges);
+      EXPECT_TRUE(test.determined);
+      // Within a finite window the field is finite and matches the definition.
+      const auto b = [&](Index t) { return t5.bias(h, 500, 500 - t); };
+      EXPECT_EQ(theoretical_receptive_field_at(t5, h, 0.1, 500).tokens,
+                brute_force_trf(b, 500, 0.1));
+    }
+  }
+}
+
+TEST(EncoderReceptiveField, FireIsInfiniteInTheLimitAndFiniteAtAQueryPosition) {
+  auto rng = test::make_rng(43);
+  const auto fire = Fire<double>::random(4, 32, rng, {.threshold = 128.0});
+  for (Index h = 0; h < fire.heads(); ++h) {
+    const ReceptiveField limit = theoretical_receptive_field(fire, h, 0.05);
+    EXPECT_FALSE(limit.finite);
+    EXPECT_TRUE(limit.additive);
+    EXPECT_TRUE(contains(limit.reason, "tends to the constant f(0) = ")) << limit.reason;
+    EXPECT_FALSE(convergence(fire, h).converges);
+    for (const Index i : {0, 1, 5, 127, 128, 1000, 5000}) {
+      for (const double eps : {0.5, 0.05}) {
+        const ReceptiveField at = theoretical_receptive_field_at(fire, h, eps, i);
+        ASSERT_TRUE(at.finite) << at.reason;
+        const auto b = [&](Index t) { return fire.bias(h, i, i - t); };
+        EXPECT_EQ(at.tokens, brute_force_trf(b, i, eps)) << h << " " << i << " " << eps;
+        // Bounded bias: K >= (1 − ε)(i + 1)·min w / max w, and K <= i + 1.
+        double low = b(0), high = b(0);
+        for (Index t = 0; t <= i; ++t) {
+          low = std::min(low, b(t));
+          high = std::max(high, b(t));
+        }
+        EXPECT_GE(static_cast<double>(at.tokens),
+                  (1.0 - eps) * static_cast<double>(i + 1) * std::exp(low - high) - 1e-9);
+        EXPECT_LE(at.tokens, i + 1);
+        EXPECT_TRUE(contains(at.reason, "query at position " + std::to_string(i)));
+      }
+    }
+  }
+  // f(x) = −3x: b = −3·ψ(t)/ψ(max(i, L)) flattens as i grows, so the field grows with i.
+  Matrix<double> w1(1, 1), w2(1, 1);
+  w1 << 1.0;
+  w2 << -3.0;
+  const Fire<double> decreasing(w1, Vector<double>::Zero(1), w2, Vector<double>::Zero(1),
+                                {.threshold = 64.0});
+  EXPECT_TRUE(contains(theoretical_receptive_field(decreasing, 0, 0.1).reason, "f(0) = 0"));
+  Index previous = 0;
+  for (const Index i : {64, 256, 1024, 4096, 16384, 65536}) {
+    const Index tokens = theoretical_receptive_field_at(decreasing, 0, 0.1, i).tokens;
+    EXPECT_GT(tokens, previous) << i;
+    previous = tokens;
+  }
+  EXPECT_GT(previous, 65536 / 4);
+}
+
+TEST(EncoderReceptiveField, AtAQueryPositionApproachesTheLimitForDistanceBiases) {
+  const Alibi<double> alibi(Vector<double>::Constant(1, 0.0625));
+  EXPECT_EQ(theoretical_receptive_field_at(alibi, 0, 0.1, 2000).tokens, 37);  // golden: 37
+  EXPECT_EQ(theoretical_receptive_field_at(alibi, 0, 0.1, 10).tokens,
+            brute_force_trf([](Index t) { return -0.0625 * static_cast<double>(t); }, 10, 0.1));
+  // NoPE: uniform weights, K = ceil((1 − ε)(i + 1)), exact at ties.
+  for (const Index i : {0, 9, 127, 999, 8191}) {
+    for (const double eps : {0.5, 0.1, 0.05}) {
+      const double share = (1.0 - eps) * static_cast<double>(i + 1);
+      const auto expected = std::max<Index>(1, static_cast<Index>(std::ceil(share - 1e-9 * share)));
+      const ReceptiveField field =
+          theoretical_receptive_field_at(NoPositionalEncoding{}, 0, eps, i);
+      EXPECT_EQ(field.tokens, expected) << i << " " << eps;
+      EXPECT_DOUBLE_EQ(field.total_weight, static_cast<double>(i + 1));
+    }
+  }
+  EXPECT_FALSE(convergence(NoPositionalEncoding{}, 0).converges);
+  EXPECT_TRUE(contains(convergence(NoPositionalEncoding{}, 0).reason, "NoPE"));
+}
+
+TEST(EncoderReceptiveField, CompositionsSumTheSeries) {
+  Vector<double> a(2), b(2);
+  a << 0.25, 0.01;
+  b << 0.05, 0.02;
+  const auto alibis = compose(Alibi<double>(a), Alibi<double>(b));
+  for (Index h = 0; h < 2; ++h) {
+    for (const double eps : {0.3, 0.05, 0.01}) {
+      const ReceptiveField field = theoretical_receptive_field(alibis, h, eps);
+      ASSERT_TRUE(field.finite) << field.reason;
+      EXPECT_EQ(field.tokens, trf_alibi(a[h] + b[h], eps).tokens) << h << " " << eps;
+      EXPECT_TRUE(contains(field.reason, "a composition of biases")) << field.reason;
+    }
+  }
+  // T5 + ALiBi converges (ALiBi dominates the tail); the window sum at a far position agrees.
+  auto rng = test::make_rng(47);
+  const auto t5 = T5RelativeBias<double>::random(2, 1.0, rng, {.bidirectional = false});
+  const auto t5_alibi = compose(t5, Alibi<double>(b));
+  EXPECT_FALSE(theoretical_receptive_field(t5, 0, 0.1).finite);
+  for (Index h = 0; h < 2; ++h) {
+    const ReceptiveField field = theoretical_receptive_field(t5_alibi, h, 0.05);
+    ASSERT_TRUE(field.finite) << field.reason;
+    const auto sum = [&](Index t) { return t5.bias(h, 0, -t) - b[h] * static_cast<double>(t); };
+    EXPECT_EQ(field.tokens, brute_force_trf(sum, 8000, 0.05)) << h;
+    EXPECT_TRUE(convergence(t5_alibi, h).converges);
+  }
+  // FIRE's limit is a constant: FIRE + ALiBi has ALiBi's field, FIRE + T5 none.
+  const auto fire = Fire<double>::random(2, 8, rng);
+  const auto fire_alibi = compose(fire, Alibi<double>(a));
+  EXPECT_EQ(theoretical_receptive_field(fire_alibi, 1, 0.05).tokens, trf_alibi(a[1], 0.05).tokens);
+  const ReceptiveField fire_t5 = theoretical_receptive_field(compose(fire, t5), 0, 0.05);
+  EXPECT_FALSE(fire_t5.finite);
+  EXPECT_TRUE(fire_t5.additive);
+  EXPECT_TRUE(contains(fire_t5.reason, "constant")) << fire_t5.reason;
+  // Two KERPLE-log heads with r1 = 0.6 each: the sum has exponent 1.2 > 1 and converges.
+  const Vector<double> r1 = Vector<double>::Constant(1, 0.6);
+  const Vector<double> r2 = Vector<double>::Constant(1, 1.0);
+  const Kerple<double> kerple(KerpleKernel::log, r1, r2);
+  EXPECT_FALSE(theoretical_receptive_field(kerple, 0, 0.1).finite);
+  const auto both = compose(kerple, kerple);
+  EXPECT_TRUE(convergence(both, 0).converges) << convergence(both, 0).reason;
+  EXPECT_EQ(theoretical_receptive_field(both, 0, 0.1).tokens, trf_kerple_log(1.2, 1.0, 0.1).tokens);
+  // Three parts nest; NoPE adds nothing.
+  const auto three = compose(NoPositionalEncoding{}, Alibi<double>(a), Alibi<double>(b));
+  EXPECT_EQ(theoretical_receptive_field(three, 0, 0.05).tokens, trf_alibi(0.3, 0.05).tokens);
+  // The per-position field of a composition is the window sum of its total bias.
+  const auto b0 = [&](Index t) { return alibis.bias(0, 300, 300 - t); };
+  EXPECT_EQ(theoretical_receptive_field_at(alibis, 0, 0.05, 300).tokens,
+            brute_force_trf(b0, 300, 0.05));
+}
+
+TEST(EncoderReceptiveField, NonAdditiveEncodersSaySo) {
+  auto rng = test::make_rng(53);
+  const RotaryEncoding<double> rope(16);
+  const XPosEncoding<double> xpos(16);
+  const auto shaw = ShawRelative<double>::random(4, 16, 16, ShawValues::separate, rng);
+  const SineSpe<double> sine(SineSpeParameters<double>::initial(2, 16, 3, 5), 8, 7);
+  const ConvSpe<double> conv(ConvSpeParameters<double>::initial(2, 16, 4, 5), 8, 7);
+  const auto rope_alibi = compose(rope, Alibi<double>(2));
+  const auto check = [](const ReceptiveField& field, const Convergence& test, const char* what,
+                        const char* stage) {
+    EXPECT_FALSE(field.additive) << what;
+    EXPECT_FALSE(field.finite) << what;
+    EXPECT_EQ(field.tokens, 0) << what;
+    EXPECT_TRUE(std::isnan(field.total_weight)) << what;
+    EXPECT_TRUE(contains(field.reason, "not an additive bias")) << what << ": " << field.reason;
+    EXPECT_TRUE(contains(field.reason, stage)) << what << ": " << field.reason;
+    EXPECT_FALSE(test.converges) << what;
+    EXPECT_FALSE(test.determined) << what;
+  };
+  check(theoretical_receptive_field(rope, 0, 0.1), convergence(rope, 0), "RoPE", "transforms q");
+  check(theoretical_receptive_field(xpos, 0, 0.1), convergence(xpos, 0), "XPos", "transforms q");
+  check(theoretical_receptive_field(shaw, 0, 0.1), convergence(shaw, 0), "Shaw", "(Shaw)");
+  check(theoretical_receptive_field(sine, 1, 0.1), convergence(sine, 1), "sineSPE", "SPE");
+  check(theoretical_receptive_field(conv, 1, 0.1), convergence(conv, 1), "convSPE", "SPE");
+  check(theoretical_receptive_field(rope_alibi, 0, 0.1), convergence(rope_alibi, 0), "RoPE + ALiBi",
+        "composed.second()");
+  check(theoretical_receptive_field_at(xpos, 0, 0.1, 100), convergence(xpos, 0), "XPos at", "q");
+  // The bias part of the composition on its own has a field.
+  EXPECT_TRUE(theoretical_receptive_field(rope_alibi.second(), 0, 0.1).finite);
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(rope, 0, 1.5),
+                        "posenc::theoretical_receptive_field", "eps");
+}
+
+TEST(EncoderReceptiveField, RejectsBadArguments) {
+  auto rng = test::make_rng(59);
+  const Alibi<double> alibi(4);
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(alibi, 4, 0.1),
+                        "posenc::theoretical_receptive_field", "head 4", "4 heads");
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(alibi, -1, 0.1), "head -1");
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(alibi, 0, 0.0), "eps must lie in (0, 1)");
+  POSENC_EXPECT_INVALID(convergence(alibi, 9), "posenc::convergence", "head 9");
+  const auto kerple = Kerple<double>::random(KerpleKernel::log, 2, rng);
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(kerple, 2, 0.1), "head 2", "2 heads");
+  const auto t5 = T5RelativeBias<double>::random(2, 1.0, rng);
+  POSENC_EXPECT_INVALID(convergence(t5, 3), "head 3");
+  const auto fire = Fire<double>::random(2, 4, rng);
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(fire, 5, 0.1), "head 5");
+  POSENC_EXPECT_INVALID(theoretical_receptive_field_at(fire, 0, 0.1, -1),
+                        "posenc::theoretical_receptive_field_at", "query_position", "got -1");
+  POSENC_EXPECT_INVALID(theoretical_receptive_field_at(fire, 0, 0.1, Index{1} << 27), "2^26");
+  POSENC_EXPECT_INVALID(theoretical_receptive_field_at(fire, 2, 0.1, 10), "head 2");
+  POSENC_EXPECT_INVALID(theoretical_receptive_field(compose(alibi, alibi), 4, 0.1), "head 4");
 }
 
 TEST(EmpiricalReceptiveField, UniformWindow) {

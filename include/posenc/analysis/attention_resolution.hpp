@@ -14,6 +14,8 @@
 #include "posenc/attention.hpp"
 #include "posenc/detail/analysis_positions.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/xpos.hpp"
 #include "posenc/tensor.hpp"
 
 namespace posenc {
@@ -158,6 +160,40 @@ inline Vector<double> rotary_score_curve(Index head_dim, Index max_distance,
     }
   }
   return rotary_score_curve(theta, zeta, scale_base, max_distance, options.normalization);
+}
+
+/// The design-time curve of a RoPE encoder as built: its frequencies() (any RopeScaling included;
+/// dynamic NTK at the encoder's sequence length) over the rotary_dim/2 rotated pairs, times
+/// magnitude()² (YaRN multiplies cos and sin by it, so every logit by its square; 1 otherwise):
+///
+///   g[n] = magnitude² · Σ_k cos(n θ_k),   n = 0 … max_distance,
+///
+/// then normalised as above (raw: 2·g, mean: g over the rotated pairs). Channels a partial rotary
+/// encoder leaves unrotated add a constant and are left out (R is shift-invariant; only `mean`
+/// would see them). E.g. linear(s) stretches the curve: g_linear[s·n] = g[n].
+/// Throws for max_distance < 0.
+template <class T>
+Vector<double> rotary_score_curve(const RotaryEncoding<T>& rope, Index max_distance,
+                                  ScoreNormalization normalization = ScoreNormalization::sum) {
+  Vector<double> curve =
+      rotary_score_curve(rope.frequencies(), {}, 1.0, max_distance, normalization);
+  curve *= rope.magnitude() * rope.magnitude();
+  return curve;
+}
+
+/// The design-time curve of an XPos encoder as built: its θ_k (frequencies()), ζ_k (zeta(k)) and
+/// scale_base, g[n] = Σ_k cos(n θ_k)·ζ_k^(n/scale_base) (the centring cancels in q·k and does not
+/// enter). Equals rotary_score_curve(head_dim, max_distance, {.base, .decay = XPosDecay{γ,
+/// scale_base}}) up to rounding (golden/attention_resolution.json xpos variants).
+/// Throws for max_distance < 0.
+template <class T>
+Vector<double> rotary_score_curve(const XPosEncoding<T>& xpos, Index max_distance,
+                                  ScoreNormalization normalization = ScoreNormalization::sum) {
+  const Index pairs = xpos.head_dim() / 2;
+  std::vector<double> zeta(static_cast<std::size_t>(pairs));
+  for (Index k = 0; k < pairs; ++k) zeta[static_cast<std::size_t>(k)] = xpos.zeta(k);
+  return rotary_score_curve(xpos.frequencies(), zeta, xpos.options().scale_base, max_distance,
+                            normalization);
 }
 
 namespace detail {
