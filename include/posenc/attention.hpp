@@ -7,11 +7,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/parallel.hpp"
+#include "posenc/detail/tile_kernels.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/mask.hpp"
 #include "posenc/tensor.hpp"
@@ -310,25 +313,31 @@ void apply_mask(const Mask& mask, Positions qpos, Positions kpos, bool keys_cons
   }
 }
 
+/// A row-major tile inside a larger buffer (row stride = padded width).
+template <class Scalar>
+using StridedTile = Eigen::Map<Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
 /// Online-softmax state of one block of query rows (Milakov & Gimelshein 2018; FlashAttention,
-/// Dao et al. 2022): running max, running sum, unnormalised output.
+/// Dao et al. 2022): running max, running sum, unnormalised output. `output` is rows × Dv inside
+/// rows × padded(Dv) storage (`padded_output`), the layout the P·V micro-kernel writes.
 template <class Scalar>
 struct OnlineSoftmax {
   Eigen::Map<Vector<Scalar>> row_max;
   Eigen::Map<Vector<Scalar>> row_sum;
   Eigen::Map<Vector<Scalar>> rescale;
-  Eigen::Map<Matrix<Scalar>> output;
+  StridedTile<Scalar> output;
+  StridedTile<Scalar> padded_output;
 
   void reset() {
     row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
     row_sum.setZero();
-    output.setZero();
+    padded_output.setZero();
   }
 
-  /// Turns `scores` (rows × cols) into exp(scores − new max) in place and rescales the running
-  /// sum and output. Returns false when no entry of the tile is allowed (nothing to add).
-  template <class Tile>
-  bool absorb(Tile& scores) {
+  /// Turns `scores` (rows × cols) into exp(scores − new max) in place (−inf, i.e. masked, gives
+  /// exactly 0) and rescales the running sum and output. Returns false when no entry of the
+  /// tile is allowed (nothing to add).
+  bool absorb(StridedTile<Scalar>& scores) {
     constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
     bool any = false;
     bool rescaled = false;
@@ -342,36 +351,92 @@ struct OnlineSoftmax {
         continue;
       }
       any = true;
-      row = (row.array() - new_max).exp();
+      const Scalar tile_sum = exp_shifted_row(row.data(), scores.cols(), new_max);
       const Scalar factor = old_max == minus_infinity ? Scalar(0) : std::exp(old_max - new_max);
       rescaled = rescaled || factor != Scalar(1);
       rescale[r] = factor;
-      row_sum[r] = row_sum[r] * factor + row.sum();
+      row_sum[r] = row_sum[r] * factor + tile_sum;
       row_max[r] = new_max;
     }
-    if (any && rescaled) output.array().colwise() *= rescale.array();
+    if (any && rescaled) padded_output.array().colwise() *= rescale.array();
     return any;
   }
 };
 
-/// Buffers of one thread of the streaming kernel, sized once per call.
+/// Buffers of one thread of the streaming kernel. They only grow; each thread keeps its own
+/// between calls (see WorkspaceLease), so repeated calls of a shape allocate nothing.
 template <class Scalar>
 struct TileWorkspace {
-  Vector<Scalar> queries, keys, logits, scores, row_max, row_sum, rescale, output;
+  Vector<Scalar> queries, keys, keys_t, values_p, logits, scores, row_max, row_sum, rescale, output;
   std::vector<Index> query_positions, key_positions;
+  std::vector<OnlineSoftmax<Scalar>> states;
+  bool in_use = false;
 
-  TileWorkspace(Index heads_per_task, Index query_block, Index key_block, Index key_halo,
-                Index query_dim, Index logit_dim, Index value_dim, bool mixes)
-      : queries(heads_per_task * query_block * logit_dim),
-        keys((key_block + 2 * key_halo) * std::max(query_dim, logit_dim)),
-        logits(mixes ? heads_per_task * query_block * (key_block + 2 * key_halo) : 0),
-        scores(heads_per_task * query_block * key_block),
-        row_max(heads_per_task * query_block),
-        row_sum(heads_per_task * query_block),
-        rescale(heads_per_task * query_block),
-        output(heads_per_task * query_block * value_dim),
-        query_positions(static_cast<std::size_t>(query_block)),
-        key_positions(static_cast<std::size_t>(key_block + 2 * key_halo)) {}
+  void reserve(Index heads_per_task, Index query_block, Index key_block, Index key_halo,
+               Index query_dim, Index logit_dim, Index value_dim, bool mixes) {
+    const Index key_rows = key_block + 2 * key_halo;
+    grow(queries, heads_per_task * query_block * logit_dim);
+    grow(keys, key_rows * std::max(query_dim, logit_dim));
+    grow(keys_t, logit_dim * padded_width<Scalar>(key_rows));
+    grow(values_p, key_block * padded_width<Scalar>(value_dim));
+    grow(logits, mixes ? heads_per_task * query_block * key_rows : 0);
+    grow(scores, heads_per_task * query_block * padded_width<Scalar>(key_block));
+    grow(row_max, heads_per_task * query_block);
+    grow(row_sum, heads_per_task * query_block);
+    grow(rescale, heads_per_task * query_block);
+    grow(output, heads_per_task * query_block * padded_width<Scalar>(value_dim));
+    if (static_cast<Index>(query_positions.size()) < query_block) {
+      query_positions.resize(static_cast<std::size_t>(query_block));
+    }
+    if (static_cast<Index>(key_positions.size()) < key_rows) {
+      key_positions.resize(static_cast<std::size_t>(key_rows));
+    }
+    states.reserve(static_cast<std::size_t>(heads_per_task));
+  }
+
+ private:
+  static void grow(Vector<Scalar>& buffer, Index size) {
+    if (buffer.size() < size) buffer.resize(size);
+  }
+};
+
+/// The calling thread's workspace, kept for the life of the thread (OpenMP reuses its threads,
+/// so the kernel's steady state allocates nothing). A few tiles: O(tile), never O(N).
+template <class Scalar>
+TileWorkspace<Scalar>& thread_workspace() {
+  thread_local TileWorkspace<Scalar> workspace;
+  return workspace;
+}
+
+/// Exclusive use of the thread's workspace for one call, or of a fresh one if the thread's is
+/// already in use (an encoder stage that itself calls attention).
+template <class Scalar>
+class WorkspaceLease {
+ public:
+  WorkspaceLease() {
+    TileWorkspace<Scalar>& mine = thread_workspace<Scalar>();
+    if (mine.in_use) {
+      owned_ = std::make_unique<TileWorkspace<Scalar>>();
+      workspace_ = owned_.get();
+    } else {
+      workspace_ = &mine;
+    }
+    workspace_->in_use = true;
+  }
+  WorkspaceLease(WorkspaceLease&& other) noexcept
+      : workspace_(std::exchange(other.workspace_, nullptr)), owned_(std::move(other.owned_)) {}
+  WorkspaceLease(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(WorkspaceLease&&) = delete;
+  ~WorkspaceLease() {
+    if (workspace_ != nullptr) workspace_->in_use = false;
+  }
+
+  TileWorkspace<Scalar>& get() { return *workspace_; }
+
+ private:
+  TileWorkspace<Scalar>* workspace_ = nullptr;
+  std::unique_ptr<TileWorkspace<Scalar>> owned_;
 };
 
 template <class Scalar>
@@ -381,6 +446,35 @@ Eigen::Map<Matrix<Scalar>> as_matrix(Vector<Scalar>& buffer, Index offset, Index
 template <class Scalar>
 Eigen::Map<Vector<Scalar>> as_vector(Vector<Scalar>& buffer, Index offset, Index size) {
   return Eigen::Map<Vector<Scalar>>(buffer.data() + offset, size);
+}
+template <class Scalar>
+StridedTile<Scalar> as_strided(Scalar* data, Index rows, Index cols, Index stride) {
+  return StridedTile<Scalar>(data, rows, cols, Eigen::OuterStride<>(stride));
+}
+
+/// The online-softmax state of `rows` query rows stored at slot `slot` of the workspace.
+template <class Scalar>
+OnlineSoftmax<Scalar> softmax_state(TileWorkspace<Scalar>& ws, Index slot, Index query_block,
+                                    Index rows, Index value_dim) {
+  const Index ld = padded_width<Scalar>(value_dim);
+  Scalar* output = ws.output.data() + slot * query_block * ld;
+  return {as_vector(ws.row_max, slot * query_block, rows),
+          as_vector(ws.row_sum, slot * query_block, rows),
+          as_vector(ws.rescale, slot * query_block, rows), as_strided(output, rows, value_dim, ld),
+          as_strided(output, rows, ld, ld)};
+}
+
+/// logits (rows × keys.rows(), row stride ld) = queries · keysᵀ by the register-blocked
+/// micro-kernel, after packing the key tile transposed into the workspace.
+template <class Scalar, class Queries, class Keys>
+void compute_logits(const Queries& queries, const Keys& keys, TileWorkspace<Scalar>& ws,
+                    Scalar* logits, Index ld) {
+  const Index cols = keys.rows();
+  const Index depth = keys.cols();
+  const Index ldk = padded_width<Scalar>(cols);
+  pack_transposed(keys.data(), keys.outerStride(), cols, depth, ws.keys_t.data(), ldk);
+  tile_logits(queries.data(), queries.outerStride(), queries.rows(), depth, ws.keys_t.data(), ldk,
+              cols, logits, ld);
 }
 
 /// Writes the scaled, transformed query tile of head h (rows × logit_dim) into `out`.
@@ -455,8 +549,8 @@ struct ResultSink {
 template <class Scalar, class Encoder>
 void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index h,
                  Index query_first, Index key_first, Positions qpos, Positions kpos,
-                 TileCoverage coverage, Eigen::Map<Matrix<Scalar>>& scores,
-                 OnlineSoftmax<Scalar>& state) {
+                 TileCoverage coverage, StridedTile<Scalar>& scores, OnlineSoftmax<Scalar>& state,
+                 TileWorkspace<Scalar>& ws) {
   if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, scores);
   if (coverage == TileCoverage::partial) {
     std::span<const Index> qseg;
@@ -468,8 +562,13 @@ void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Inde
     apply_mask<Scalar>(p.mask, qpos, kpos, p.key_positions.empty(), qseg, kseg, scores);
   }
   if (!state.absorb(scores)) return;
-  const auto values = p.v.head(p.kv_head(h)).middleRows(key_first, scores.cols());
-  state.output.noalias() += scores * values;
+  const HeadsView<const Scalar>& v = p.v;
+  const Index ldv = padded_width<Scalar>(p.value_dim);
+  pack_rows(v.head(p.kv_head(h)).data() + key_first * v.row_stride(), v.row_stride(), scores.cols(),
+            p.value_dim, ws.values_p.data(), ldv);
+  tile_accumulate(scores.data(), scores.outerStride(), scores.rows(), scores.cols(),
+                  ws.values_p.data(), ldv, ldv, state.padded_output.data(),
+                  state.padded_output.outerStride());
   if constexpr (RelativeKeyValue<Encoder>) {
     encoder.add_relative_values(h, qpos, kpos, scores, state.output);
   }
@@ -498,10 +597,13 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   parallel_tasks(
       tasks, thread_count(p.threads, tasks),
       [&] {
-        return TileWorkspace<Scalar>(1, p.query_block, p.key_block, 0, p.query_dim, p.logit_dim,
-                                     p.value_dim, false);
+        WorkspaceLease<Scalar> lease;
+        lease.get().reserve(1, p.query_block, p.key_block, 0, p.query_dim, p.logit_dim, p.value_dim,
+                            false);
+        return lease;
       },
-      [&](Index task, TileWorkspace<Scalar>& ws) {
+      [&](Index task, WorkspaceLease<Scalar>& lease) {
+        TileWorkspace<Scalar>& ws = lease.get();
         // Last query blocks first: under a causal mask they see the most keys.
         const Index block = query_blocks - 1 - task / p.heads;
         const Index h = task % p.heads;
@@ -512,10 +614,9 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
         auto queries = as_matrix(ws.queries, 0, rows, p.logit_dim);
         load_queries(p, encoder, h, first, qpos, queries);
         const BlockExtent qext = query_extent(p, first, rows);
-        OnlineSoftmax<Scalar> state{as_vector(ws.row_max, 0, rows), as_vector(ws.row_sum, 0, rows),
-                                    as_vector(ws.rescale, 0, rows),
-                                    as_matrix(ws.output, 0, rows, p.value_dim)};
+        OnlineSoftmax<Scalar> state = softmax_state(ws, 0, p.query_block, rows, p.value_dim);
         state.reset();
+        const Index lds = padded_width<Scalar>(p.key_block);
         for (Index kb = 0; kb < key_blocks; ++kb) {
           const Index key_first = kb * p.key_block;
           const Index cols = std::min(p.key_block, p.keys - key_first);
@@ -526,12 +627,12 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
           const Positions kpos(ws.key_positions.data(), static_cast<std::size_t>(cols));
           const auto keys =
               load_keys(p, encoder, p.kv_head(h), key_first, cols, kpos, qpos[0], ws.keys);
-          auto scores = as_matrix(ws.scores, 0, rows, cols);
-          scores.noalias() = queries * keys.transpose();
+          auto scores = as_strided(ws.scores.data(), rows, cols, lds);
+          compute_logits(queries, keys, ws, scores.data(), lds);
           if constexpr (RelativeKeyValue<Encoder>) {
             encoder.add_relative_logits(h, qpos, kpos, queries, scores);
           }
-          finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, scores, state);
+          finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, scores, state, ws);
         }
         sink.write(h, first, state);
       });
@@ -551,25 +652,24 @@ void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   parallel_tasks(
       query_blocks, thread_count(p.threads, query_blocks),
       [&] {
-        return TileWorkspace<Scalar>(H, qb, p.key_block, halo, p.query_dim, p.logit_dim,
-                                     p.value_dim, true);
+        WorkspaceLease<Scalar> lease;
+        lease.get().reserve(H, qb, p.key_block, halo, p.query_dim, p.logit_dim, p.value_dim, true);
+        return lease;
       },
-      [&](Index task, TileWorkspace<Scalar>& ws) {
+      [&](Index task, WorkspaceLease<Scalar>& lease) {
+        TileWorkspace<Scalar>& ws = lease.get();
         const Index block = query_blocks - 1 - task;
         const Index first = block * qb;
         const Index rows = std::min(qb, p.queries - first);
         fill_positions(p, true, first, rows, ws.query_positions);
         const Positions qpos(ws.query_positions.data(), static_cast<std::size_t>(rows));
         const BlockExtent qext = query_extent(p, first, rows);
-        std::vector<OnlineSoftmax<Scalar>> states;
-        states.reserve(static_cast<std::size_t>(H));
+        std::vector<OnlineSoftmax<Scalar>>& states = ws.states;
+        states.clear();  // capacity reserved: no allocation
         for (Index h = 0; h < H; ++h) {
           load_queries(p, encoder, h, first, qpos,
                        as_matrix(ws.queries, h * qb * p.logit_dim, rows, p.logit_dim));
-          states.push_back({as_vector(ws.row_max, h * qb, rows),
-                            as_vector(ws.row_sum, h * qb, rows),
-                            as_vector(ws.rescale, h * qb, rows),
-                            as_matrix(ws.output, h * qb * p.value_dim, rows, p.value_dim)});
+          states.push_back(softmax_state(ws, h, qb, rows, p.value_dim));
           states.back().reset();
         }
         for (Index kb = 0; kb < key_blocks; ++kb) {
@@ -589,8 +689,8 @@ void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
             const auto queries = as_matrix(ws.queries, h * qb * p.logit_dim, rows, p.logit_dim);
             const auto keys = load_keys(p, encoder, p.kv_head(h), ext_first, ext_count, kpos_ext,
                                         qpos[0], ws.keys);
-            Eigen::Map<Matrix<Scalar>> head_logits(logits.row(h).data(), rows, ext_count);
-            head_logits.noalias() = queries * keys.transpose();
+            auto head_logits = as_strided(logits.row(h).data(), rows, ext_count, ext_count);
+            compute_logits(queries, keys, ws, head_logits.data(), ext_count);
             if constexpr (RelativeKeyValue<Encoder>) {
               encoder.add_relative_logits(h, qpos, kpos_ext, queries, head_logits);
             }
@@ -598,9 +698,9 @@ void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
           auto scores = as_matrix(ws.scores, 0, H, rows * cols);
           encoder.mix(qpos, kpos_ext, key_first - ext_first, cols, logits, scores);
           for (Index h = 0; h < H; ++h) {
-            Eigen::Map<Matrix<Scalar>> head_scores(scores.row(h).data(), rows, cols);
+            auto head_scores = as_strided(scores.row(h).data(), rows, cols, cols);
             finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, head_scores,
-                        states[static_cast<std::size_t>(h)]);
+                        states[static_cast<std::size_t>(h)], ws);
           }
         }
         for (Index h = 0; h < H; ++h) sink.write(h, first, states[static_cast<std::size_t>(h)]);
@@ -618,16 +718,14 @@ void stream(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   }
 }
 
-/// The oracle: materialise every N × M score matrix, mask, softmax. Returns the probabilities
-/// per head (N × M each).
+/// The oracle's first half: every N × M score matrix (all stages applied, forbidden keys −inf).
 template <class Scalar, class Encoder>
-std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
-                                              const Encoder& encoder) {
+std::vector<Matrix<Scalar>> reference_scores(const AttentionProblem<Scalar>& p,
+                                             const Encoder& encoder) {
   const Index N = p.queries;
   const Index M = p.keys;
-  std::vector<Matrix<Scalar>> weights(static_cast<std::size_t>(p.heads),
-                                      Matrix<Scalar>::Zero(N, M));
-  if (N == 0 || M == 0) return weights;
+  std::vector<Matrix<Scalar>> result(static_cast<std::size_t>(p.heads), Matrix<Scalar>(N, M));
+  if (N == 0 || M == 0) return result;
   std::vector<Index> qpos(static_cast<std::size_t>(N));
   std::vector<Index> kpos(static_cast<std::size_t>(M));
   fill_positions(p, true, 0, N, qpos);
@@ -658,32 +756,43 @@ std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
   } else {
     scores.swap(logits);
   }
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   for (Index h = 0; h < p.heads; ++h) {
     Eigen::Map<Matrix<Scalar>> s(scores.row(h).data(), N, M);
     if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, s);
-    Matrix<Scalar>& w = weights[static_cast<std::size_t>(h)];
     for (Index r = 0; r < N; ++r) {
-      Scalar max = -std::numeric_limits<Scalar>::infinity();
+      const auto row = static_cast<std::size_t>(r);
       for (Index c = 0; c < M; ++c) {
+        const auto col = static_cast<std::size_t>(c);
         const bool same_document =
-            !p.has_segments() || p.query_segments[static_cast<std::size_t>(r)] ==
-                                     p.key_segments[static_cast<std::size_t>(c)];
-        if (same_document &&
-            p.mask.allows(qpos[static_cast<std::size_t>(r)], kpos[static_cast<std::size_t>(c)])) {
-          w(r, c) = Scalar(1);  // marks an allowed entry
-          max = std::max(max, s(r, c));
-        }
+            !p.has_segments() || p.query_segments[row] == p.key_segments[col];
+        if (!same_document || !p.mask.allows(qpos[row], kpos[col])) s(r, c) = minus_infinity;
       }
-      if (max == -std::numeric_limits<Scalar>::infinity()) {
+    }
+    result[static_cast<std::size_t>(h)] = s;
+  }
+  return result;
+}
+
+/// The oracle: materialise every N × M score matrix, mask, softmax. Returns the probabilities
+/// per head (N × M each).
+template <class Scalar, class Encoder>
+std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
+                                              const Encoder& encoder) {
+  std::vector<Matrix<Scalar>> weights = reference_scores(p, encoder);
+  constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  for (Matrix<Scalar>& w : weights) {
+    for (Index r = 0; r < w.rows(); ++r) {
+      const Scalar max = w.row(r).maxCoeff();
+      if (max == minus_infinity) {  // nothing allowed: the row is zero
         w.row(r).setZero();
         continue;
       }
-      Scalar sum = 0;
-      for (Index c = 0; c < M; ++c) {
-        w(r, c) = w(r, c) != Scalar(0) ? std::exp(s(r, c) - max) : Scalar(0);
-        sum += w(r, c);
-      }
-      w.row(r) /= sum;
+      // select: Eigen's vectorised exp maps −inf to the smallest normal number, not to 0.
+      w.row(r) = (w.row(r).array() == minus_infinity)
+                     .select(Scalar(0), (w.row(r).array() - max).exp())
+                     .matrix();
+      w.row(r) /= w.row(r).sum();
     }
   }
   return weights;
@@ -821,6 +930,22 @@ template <HeadsLike Q, HeadsLike K, HeadsLike V>
 Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
                                            const AttentionOptions& options) {
   return attention_weights(q, k, v, NoPositionalEncoding{}, options);
+}
+
+/// Pre-softmax scores [H, N, M] (every stage applied, forbidden keys −inf): the scores whose
+/// row softmax is attention_weights. For analysis (empirical score curves). Materialises N × M.
+template <HeadsLike Q, HeadsLike K, AttentionEncoder Encoder = NoPositionalEncoding>
+Heads<heads_scalar_t<Q>> attention_scores(const Q& q, const K& k, const Encoder& encoder = {},
+                                          const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_scalars<Q, K, K>();
+  const auto kv = detail::as_const_view(k);
+  const auto p = detail::make_problem<Scalar>("posenc::attention_scores", detail::as_const_view(q),
+                                              kv, kv, encoder, options);
+  const std::vector<Matrix<Scalar>> scores = detail::reference_scores(p, encoder);
+  Heads<Scalar> out(p.heads, p.queries, p.keys);
+  for (Index h = 0; h < p.heads; ++h) out.head(h) = scores[static_cast<std::size_t>(h)];
+  return out;
 }
 
 }  // namespace posenc

@@ -1,0 +1,234 @@
+// SPDX-License-Identifier: MIT
+// Register-blocked micro-kernels for the two products of an attention tile (logits = Q·Kᵀ and
+// output += P·V) and the softmax exponential, written once over Eigen's packet abstraction so
+// the same code runs with AVX-512, AVX2, SSE or NEON packets (or scalars), chosen at compile time.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "posenc/tensor.hpp"
+
+namespace posenc::detail {
+
+/// The widest SIMD packet Eigen uses for Scalar with the current compile flags, its width, and
+/// the register blocking of the micro-kernels (32 vector registers with AVX-512, 16 with AVX).
+template <class Scalar>
+struct TileKernelTraits {
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<Packet>::size;
+  static constexpr bool many_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+  /// Q·Kᵀ: logits_rows query rows × logits_packets packets of keys per step.
+  static constexpr int logits_rows = many_registers ? 8 : 4;
+  static constexpr int logits_packets = 2;
+  /// P·V: output_rows rows × up to output_packets packets of the value width per step.
+  static constexpr int output_rows = many_registers ? 6 : 2;
+  static constexpr int output_packets = 4;
+};
+
+/// Rounds n up to a multiple of the packet width: the padded width of packed tiles.
+template <class Scalar>
+constexpr Index padded_width(Index n) {
+  constexpr Index w = TileKernelTraits<Scalar>::width;
+  return (n + w - 1) / w * w;
+}
+
+/// Writes the first `count` lanes of a packet to `to` (the edge of a tile narrower than a packet).
+template <class Packet, class Scalar>
+inline void store_lanes(Scalar* to, const Packet& from, Index count) {
+  constexpr Index w = Eigen::internal::unpacket_traits<Packet>::size;
+  if (count >= w) {
+    Eigen::internal::pstoreu(to, from);
+    return;
+  }
+  alignas(64) Scalar lanes[w];
+  Eigen::internal::pstoreu(lanes, from);
+  std::memcpy(to, lanes, static_cast<std::size_t>(count) * sizeof(Scalar));
+}
+
+/// keys_t (depth × padded cols, row stride `ld`) = keysᵀ, zero in the padding columns.
+/// keys: cols × depth, row stride `keys_stride`.
+template <class Scalar>
+void pack_transposed(const Scalar* keys, Index keys_stride, Index cols, Index depth, Scalar* keys_t,
+                     Index ld) {
+  for (Index d = 0; d < depth; ++d) {
+    Scalar* row = keys_t + d * ld;
+    for (Index c = 0; c < cols; ++c) row[c] = keys[c * keys_stride + d];
+    std::fill(row + cols, row + ld, Scalar(0));
+  }
+}
+
+/// values_p (cols × padded dim, row stride `ld`) = values, zero in the padding columns.
+template <class Scalar>
+void pack_rows(const Scalar* values, Index values_stride, Index cols, Index dim, Scalar* values_p,
+               Index ld) {
+  for (Index c = 0; c < cols; ++c) {
+    std::memcpy(values_p + c * ld, values + c * values_stride,
+                static_cast<std::size_t>(dim) * sizeof(Scalar));
+    std::fill(values_p + c * ld + dim, values_p + (c + 1) * ld, Scalar(0));
+  }
+}
+
+/// logits(r, c) = Σ_d queries(r, d) · keys_t(d, c) for r < rows, c < cols.
+/// queries: rows × depth (row stride ldq); keys_t: depth × padded(cols) (row stride ldk, zero
+/// padding); logits: rows × cols (row stride ldl; columns up to padded(cols) may be written when
+/// ldl >= padded(cols)).
+template <class Scalar>
+void tile_logits(const Scalar* queries, Index ldq, Index rows, Index depth, const Scalar* keys_t,
+                 Index ldk, Index cols, Scalar* logits, Index ldl) {
+  using Traits = TileKernelTraits<Scalar>;
+  using Packet = typename Traits::Packet;
+  using namespace Eigen::internal;
+  constexpr int MR = Traits::logits_rows;
+  constexpr int NP = Traits::logits_packets;
+  constexpr Index W = Traits::width;
+  const bool full_stores = ldl >= padded_width<Scalar>(cols);
+  for (Index r0 = 0; r0 < rows; r0 += MR) {
+    // Rows past the end repeat the last row (valid memory) and are not stored.
+    const Scalar* q[MR];
+    for (int i = 0; i < MR; ++i) q[i] = queries + std::min<Index>(r0 + i, rows - 1) * ldq;
+    const Index active_rows = std::min<Index>(MR, rows - r0);
+    for (Index c0 = 0; c0 < cols; c0 += NP * W) {
+      Packet acc[MR][NP];
+      for (int i = 0; i < MR; ++i) {
+        for (int j = 0; j < NP; ++j) acc[i][j] = pset1<Packet>(Scalar(0));
+      }
+      // Columns past the padded width of keys_t are never read: c0 + NP·W may exceed it only
+      // when the last step is narrower, handled by clamping the packet count.
+      const Index packets = std::min<Index>(NP, (padded_width<Scalar>(cols) - c0) / W);
+      if (packets == NP) {
+        for (Index d = 0; d < depth; ++d) {
+          const Scalar* k = keys_t + d * ldk + c0;
+          Packet kp[NP];
+          for (int j = 0; j < NP; ++j) kp[j] = ploadu<Packet>(k + j * W);
+          for (int i = 0; i < MR; ++i) {
+            const Packet qi = pset1<Packet>(q[i][d]);
+            for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(qi, kp[j], acc[i][j]);
+          }
+        }
+      } else {
+        for (Index d = 0; d < depth; ++d) {
+          const Scalar* k = keys_t + d * ldk + c0;
+          for (Index j = 0; j < packets; ++j) {
+            const Packet kp = ploadu<Packet>(k + j * W);
+            for (int i = 0; i < MR; ++i) acc[i][j] = pmadd(pset1<Packet>(q[i][d]), kp, acc[i][j]);
+          }
+        }
+      }
+      for (Index i = 0; i < active_rows; ++i) {
+        Scalar* out = logits + (r0 + i) * ldl + c0;
+        for (Index j = 0; j < packets; ++j) {
+          const Index lanes = full_stores ? W : std::min<Index>(W, cols - c0 - j * W);
+          if (lanes > 0) store_lanes(out + j * W, acc[i][j], lanes);
+        }
+      }
+    }
+  }
+}
+
+/// One step of tile_accumulate: NP packets of the output width starting at column `col`.
+template <class Scalar, int NP>
+void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols,
+                        const Scalar* values_p, Index ldv, Scalar* output, Index ldo, Index col) {
+  using Traits = TileKernelTraits<Scalar>;
+  using Packet = typename Traits::Packet;
+  using namespace Eigen::internal;
+  constexpr int MR = Traits::output_rows;
+  constexpr Index W = Traits::width;
+  for (Index r0 = 0; r0 < rows; r0 += MR) {
+    const Scalar* p[MR];
+    for (int i = 0; i < MR; ++i) p[i] = weights + std::min<Index>(r0 + i, rows - 1) * ldw;
+    const Index active_rows = std::min<Index>(MR, rows - r0);
+    Packet acc[MR][NP];
+    for (int i = 0; i < MR; ++i) {
+      const Scalar* o = output + std::min<Index>(r0 + i, rows - 1) * ldo + col;
+      for (int j = 0; j < NP; ++j) acc[i][j] = ploadu<Packet>(o + j * W);
+    }
+    for (Index c = 0; c < cols; ++c) {
+      const Scalar* v = values_p + c * ldv + col;
+      Packet vp[NP];
+      for (int j = 0; j < NP; ++j) vp[j] = ploadu<Packet>(v + j * W);
+      for (int i = 0; i < MR; ++i) {
+        const Packet pi = pset1<Packet>(p[i][c]);
+        for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(pi, vp[j], acc[i][j]);
+      }
+    }
+    for (Index i = 0; i < active_rows; ++i) {
+      Scalar* o = output + (r0 + i) * ldo + col;
+      for (int j = 0; j < NP; ++j) pstoreu(o + j * W, acc[i][j]);
+    }
+  }
+}
+
+/// output(r, :) += Σ_c weights(r, c) · values_p(c, :) for r < rows, c < cols.
+/// weights: rows × cols (row stride ldw); values_p: cols × width (row stride ldv); output: rows ×
+/// width (row stride ldo); width is a multiple of the packet width (padded).
+template <class Scalar>
+void tile_accumulate(const Scalar* weights, Index ldw, Index rows, Index cols,
+                     const Scalar* values_p, Index ldv, Index width, Scalar* output, Index ldo) {
+  using Traits = TileKernelTraits<Scalar>;
+  constexpr Index W = Traits::width;
+  constexpr int NP = Traits::output_packets;
+  Index col = 0;
+  for (; col + NP * W <= width; col += NP * W) {
+    accumulate_columns<Scalar, NP>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+  }
+  switch ((width - col) / W) {
+    case 3:
+      accumulate_columns<Scalar, 3>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+      break;
+    case 2:
+      accumulate_columns<Scalar, 2>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+      break;
+    case 1:
+      accumulate_columns<Scalar, 1>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+      break;
+    default:
+      break;
+  }
+}
+
+/// exp(x) for the softmax, whose arguments are x = s − max ≤ 0: Eigen's vectorised exponential
+/// (the packet of the compile flags: AVX-512, AVX2, SSE, NEON, or scalar std::exp without SIMD),
+/// with every x below the smallest normal result (−inf included) mapped to exactly 0 — Eigen
+/// clamps its argument, so exp(−inf) would otherwise be the smallest normal number.
+template <class Packet>
+Packet softmax_exp(const Packet& x) {
+  using namespace Eigen::internal;
+  using Scalar = typename unpacket_traits<Packet>::type;
+  const Packet lowest = pset1<Packet>(std::log(std::numeric_limits<Scalar>::min()));
+  return pselect(pcmp_lt(x, lowest), pset1<Packet>(Scalar(0)), pexp(x));
+}
+
+/// row[c] = softmax_exp(row[c] − max) for c < count, returning Σ_c row[c].
+template <class Scalar>
+Scalar exp_shifted_row(Scalar* row, Index count, Scalar max) {
+  using Packet = typename TileKernelTraits<Scalar>::Packet;
+  using namespace Eigen::internal;
+  constexpr Index W = TileKernelTraits<Scalar>::width;
+  const Packet shift = pset1<Packet>(max);
+  Packet sum = pset1<Packet>(Scalar(0));
+  Index c = 0;
+  for (; c + W <= count; c += W) {
+    const Packet e = softmax_exp(psub(ploadu<Packet>(row + c), shift));
+    pstoreu(row + c, e);
+    sum = padd(sum, e);
+  }
+  // Lanes summed through memory: GCC 12 raises a false -Wuninitialized inside its own AVX-512
+  // intrinsics for predux on 8-double packets.
+  alignas(64) Scalar lanes[W];
+  pstoreu(lanes, sum);
+  Scalar total = 0;
+  for (Index i = 0; i < W; ++i) total += lanes[i];
+  for (; c < count; ++c) {
+    const Scalar x = row[c] - max;
+    row[c] = x < std::log(std::numeric_limits<Scalar>::min()) ? Scalar(0) : std::exp(x);
+    total += row[c];
+  }
+  return total;
+}
+
+}  // namespace posenc::detail

@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: MIT
+// The register-blocked tile micro-kernels against plain Eigen products on every remainder of the
+// register blocking (rows, key columns and value width not multiples of the blocks or packets),
+// and the softmax exponential's error over the range the softmax uses.
+#include "posenc/detail/tile_kernels.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "support/test_support.hpp"
+
+namespace posenc {
+namespace {
+
+template <class Scalar>
+class TileKernelsTest : public ::testing::Test {};
+TYPED_TEST_SUITE(TileKernelsTest, test::Scalars);
+
+TYPED_TEST(TileKernelsTest, LogitsAndAccumulateMatchEigenOnEveryRemainder) {
+  using Scalar = TypeParam;
+  using Traits = detail::TileKernelTraits<Scalar>;
+  const Index W = Traits::width;
+  auto rng = test::make_rng(41);
+  std::normal_distribution<double> normal;
+  const auto random = [&](Index r, Index c) {
+    Matrix<Scalar> m(r, c);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(normal(rng));
+    return m;
+  };
+  // Every row count up to two register blocks, column counts around packet multiples.
+  for (Index rows = 1; rows <= 2 * Traits::logits_rows + 1; ++rows) {
+    for (const Index cols : {Index{1}, W - 1, W, W + 1, 2 * W + 3, 5 * W}) {
+      for (const Index depth : {Index{1}, Index{7}, Index{64}}) {
+        if (cols < 1) continue;
+        const Matrix<Scalar> q = random(rows, depth);
+        const Matrix<Scalar> k = random(cols, depth);
+        const Index ldk = detail::padded_width<Scalar>(cols);
+        Matrix<Scalar> k_t(depth, ldk);
+        detail::pack_transposed(k.data(), depth, cols, depth, k_t.data(), ldk);
+        // Narrow output stride (partial stores) and padded stride (full stores).
+        for (const Index ld : {cols, ldk}) {
+          Matrix<Scalar> logits = Matrix<Scalar>::Constant(rows, ld, Scalar(99));
+          detail::tile_logits(q.data(), depth, rows, depth, k_t.data(), ldk, cols, logits.data(),
+                              ld);
+          const Matrix<Scalar> expected = q * k.transpose();
+          ASSERT_LE(test::relative_error(logits.leftCols(cols), expected),
+                    50 * std::numeric_limits<Scalar>::epsilon() * static_cast<double>(depth))
+              << "rows " << rows << " cols " << cols << " depth " << depth << " ld " << ld;
+        }
+      }
+    }
+  }
+  for (Index rows = 1; rows <= 2 * Traits::output_rows + 1; ++rows) {
+    for (const Index cols : {Index{1}, Index{5}, W + 3}) {
+      for (const Index dim : {Index{1}, W - 1, W, 3 * W + 1, 4 * W, 5 * W + 2}) {
+        if (dim < 1) continue;
+        const Matrix<Scalar> p = random(rows, cols);
+        const Matrix<Scalar> v = random(cols, dim);
+        const Index ldv = detail::padded_width<Scalar>(dim);
+        Matrix<Scalar> v_p(cols, ldv);
+        detail::pack_rows(v.data(), dim, cols, dim, v_p.data(), ldv);
+        Matrix<Scalar> out = random(rows, ldv);
+        const Matrix<Scalar> expected = out.leftCols(dim) + p * v;
+        detail::tile_accumulate(p.data(), cols, rows, cols, v_p.data(), ldv, ldv, out.data(), ldv);
+        ASSERT_LE(test::relative_error(out.leftCols(dim), expected),
+                  50 * std::numeric_limits<Scalar>::epsilon() * static_cast<double>(cols))
+            << "rows " << rows << " cols " << cols << " dim " << dim;
+      }
+    }
+  }
+}
+
+TYPED_TEST(TileKernelsTest, SoftmaxExponentialIsAccurateAndExactlyZeroBelowRange) {
+  using Scalar = TypeParam;
+  constexpr Index n = 20011;
+  const Scalar lowest = std::log(std::numeric_limits<Scalar>::min());
+  // x from slightly below the normal range up to 0, plus the exact values that matter.
+  Vector<Scalar> x(n + 4);
+  for (Index i = 0; i < n; ++i) {
+    x[i] = (lowest - Scalar(2)) * static_cast<Scalar>(i) / static_cast<Scalar>(n - 1);
+  }
+  x[n] = Scalar(0);
+  x[n + 1] = -std::numeric_limits<Scalar>::infinity();
+  x[n + 2] = -std::numeric_limits<Scalar>::max();
+  x[n + 3] = Scalar(-1e-30);
+  Vector<Scalar> y = x;
+  const Scalar sum = detail::exp_shifted_row(y.data(), y.size(), Scalar(0));
+  long double expected_sum = 0;
+  double worst_ulps = 0;
+  for (Index i = 0; i < y.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(y[i]));
+    if (x[i] < lowest) {
+      EXPECT_EQ(y[i], Scalar(0)) << "x = " << x[i];
+      continue;
+    }
+    const long double exact = std::exp(static_cast<long double>(x[i]));
+    expected_sum += exact;
+    const double ulp = static_cast<double>(exact) * std::numeric_limits<Scalar>::epsilon();
+    worst_ulps = std::max(worst_ulps, std::abs(static_cast<double>(y[i] - exact)) / ulp);
+  }
+  EXPECT_EQ(y[n], Scalar(1));
+  // Eigen's vectorised exp: within a few ulp over [log(min normal), 0].
+  EXPECT_LE(worst_ulps, 4.0);
+  EXPECT_NEAR(static_cast<double>(sum), static_cast<double>(expected_sum),
+              1e-5 * static_cast<double>(expected_sum));
+}
+
+}  // namespace
+}  // namespace posenc
