@@ -309,9 +309,9 @@ class DapeNetwork {
   /// Rows [band.r0 + r0, … + rows) of a band. Each row is a segment of S slots, slot u holding
   /// key column band.first − 2·half + u. When the chunk is a contiguous block of the logits, the
   /// band's bias and the scores (DAPE over whole tile rows: no halo, no tril, one run, a whole
-  /// number of packets) the layers read and write them in place; otherwise the input is gathered into
-  /// buffers with `half` margin columns on each side, so that every tap of every slot reads valid
-  /// (zero) memory: slot q of the chunk is column half + q.
+  /// number of packets) the layers read and write them in place; otherwise the input is gathered
+  /// into buffers with `half` margin columns on each side, so that every tap of every slot reads
+  /// valid (zero) memory: slot q of the chunk is column half + q.
   void run_chunk(const Tile& tile, const Band& band, Index r0, Index rows, const T* band_bias,
                  DapeScratch<T>& scratch) const {
     const auto K = static_cast<Index>(tile.kpos.size());
