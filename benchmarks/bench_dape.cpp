@@ -201,7 +201,7 @@ void mix_tile(benchmark::State& state) {
     benchmark::DoNotOptimize(scores.data());
   }
   state.counters["GFLOP"] = benchmark::Counter(2.0 * 3.0 * kHeads * kWidth * kTile * kTile * 1e-9,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
+                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // --- Peak memory, measured in a fresh process -------------------------------------------------
@@ -257,7 +257,8 @@ void peak_memory(benchmark::State& state, const char* what) {
   }
   constexpr double mib = 1 << 20;
   state.counters["extra_MiB"] = static_cast<double>(extra) / mib;
-  state.counters["inputs_output_MiB"] = 4.0 * kHeads * tokens * kDim * sizeof(float) / mib;
+  state.counters["inputs_output_MiB"] =
+      static_cast<double>(4 * kHeads * tokens * kDim) * sizeof(float) / mib;
   state.counters["child_seconds"] = seconds;
   state.counters["authors_NxN_GiB"] = reference_footprint_bytes(tokens) / (1024.0 * mib);
 }
