@@ -503,7 +503,7 @@ class DapeMixer {
 
   /// Forwards the kernel's shape check to the base bias (the kernel itself rejects a head count
   /// other than heads()).
-  void validate(const AttentionShape& shape) const requires(has_bias&& HasValidate<Bias>) {
+  void validate(const AttentionShape& shape) const requires HasValidate<Bias> {
     bias_.validate(shape);
   }
 
