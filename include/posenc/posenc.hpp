@@ -27,6 +27,9 @@
 #include "posenc/encoders/shaw.hpp"
 #include "posenc/encoders/t5_bias.hpp"
 
+// Data-adaptive positional encoding: a ScoreMixer over any bias.
+#include "posenc/encoders/dape.hpp"
+
 // Stochastic positional encoding.
 #include "posenc/encoders/conv_spe.hpp"
 #include "posenc/encoders/sine_spe.hpp"

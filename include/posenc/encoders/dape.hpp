@@ -1,0 +1,661 @@
+// SPDX-License-Identifier: MIT
+// DAPE: data-adaptive positional encoding. A small network reads, at every query/key pair, the
+// scaled logits of all heads and a positional bias (ALiBi, KERPLE, FIRE, T5, …) and adds its
+// output to the scores: pointwise across heads (DAPE) or along the keys too (DAPE V2, 1×k
+// convolutions). Streamed tile by tile: nothing N × N is ever formed.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <random>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "posenc/detail/check.hpp"
+#include "posenc/detail/random.hpp"
+#include "posenc/detail/tile_kernels.hpp"
+#include "posenc/encoding.hpp"
+#include "posenc/tensor.hpp"
+
+namespace posenc {
+
+/// The weights of a DAPE network, as PyTorch holds them (y = W·x + b, W is (out, in)).
+///
+///   w1 [W, C·k]   first layer: nn.Linear(C, W).weight (k = 1), or nn.Conv2d(C, W, (1, k)).weight
+///                 [W, C, 1, k] reshaped to [W, C·k] (column c·k + t is input channel c, tap t)
+///   b1 [W]        its bias
+///   w2 [H, W·k]   second layer, the same way: nn.Linear(W, H).weight or Conv2d(W, H, (1, k))
+///   b2 [H]        its bias
+///
+/// W is the hidden width (the paper's D_DAPE, `mlp_width`: 32 in every released config), H the
+/// head count, C the input channels: 2H with a bias (A of heads 0…H−1, then B of heads 0…H−1, the
+/// reference's `cat([A, B], dim=1)`), H without.
+struct DapeWeights {
+  Matrix<double> w1;
+  Vector<double> b1;
+  Matrix<double> w2;
+  Vector<double> b2;
+};
+
+namespace detail {
+
+/// Per-thread scratch of DapeNetwork::mix: one band of the bias and one chunk of the network's
+/// input, hidden layer and output. Bounded by the band and chunk sizes (never O(N)); each buffer
+/// grows to the largest size seen, then serves every later tile of the thread.
+template <class T>
+struct DapeScratch {
+  Vector<T> bias, input, hidden, output;
+  std::vector<const T*> input_rows, hidden_rows, residual_a, residual_b;
+  std::vector<T*> hidden_out, output_rows;
+
+  static T* reserve(Vector<T>& buffer, Index size) {
+    if (buffer.size() < size) buffer.resize(size);
+    return buffer.data();
+  }
+  template <class P>
+  static P* reserve(std::vector<P>& rows, Index size) {
+    if (static_cast<Index>(rows.size()) < size) rows.resize(static_cast<std::size_t>(size));
+    return rows.data();
+  }
+};
+
+template <class T>
+DapeScratch<T>& dape_scratch() {
+  thread_local DapeScratch<T> scratch;
+  return scratch;
+}
+
+/// Pixels (query/key pairs) per chunk of the network, small enough that the chunk's input (C
+/// rows), hidden layer (W rows) and output stay in L1/L2 (W = 32, float: 48 KiB of hidden layer);
+/// 384 = three rows of a 128-key tile = eight strips of three AVX-512 packets. Measured on the
+/// benchmark's shapes (bench_dape): 256 and 768 are 5–10 % slower.
+inline constexpr Index kDapeChunkPixels = 384;
+/// Pixels per band of the bias: B is filled for a band of rows at once, so that a distance bias
+/// evaluates each distance once per band rather than once per chunk.
+inline constexpr Index kDapeBandPixels = 4096;
+/// Longest run of output keys of one query row.
+inline constexpr Index kDapeMaxRun = 512;
+
+/// One layer of the network over `width` pixels (a multiple of the packet width):
+///
+///   out[r][q] = act(bias[r] + residual_a[r][q] + residual_b[r][q] + Σ_d weights[r, d] · in[d][q])
+///
+/// for r < rows, with act the leaky ReLU (`activate`) or the identity, and the residual rows
+/// optional (null arrays). weights: [rows × depth], row-major; in[d]: the input rows (a 1×k
+/// convolution lists each input row k times, shifted by its tap); out[r]: the output rows.
+template <class T>
+struct DapeLayer {
+  const T* weights;
+  const T* bias;
+  Index rows, depth;
+  const T* const* in;
+  T* const* out;
+  const T* const* residual_a = nullptr;
+  const T* const* residual_b = nullptr;
+  bool activate = false;
+  T slope = T(0);
+};
+
+/// Rows [r0, r0 + MR) × pixels [col, col + NP·packet) of a DapeLayer, in registers.
+template <class T, int MR, int NP>
+void dape_layer_block(const DapeLayer<T>& layer, Index r0, Index col) {
+  using Packet = typename TileKernelTraits<T>::Packet;
+  using namespace Eigen::internal;
+  constexpr Index W = TileKernelTraits<T>::width;
+  Packet acc[MR][NP];
+  for (int i = 0; i < MR; ++i) {
+    const Packet b = pset1<Packet>(layer.bias[r0 + i]);
+    for (int j = 0; j < NP; ++j) acc[i][j] = b;
+    if (layer.residual_a != nullptr) {
+      for (int j = 0; j < NP; ++j) {
+        acc[i][j] = padd(acc[i][j], ploadu<Packet>(layer.residual_a[r0 + i] + col + j * W));
+      }
+    }
+    if (layer.residual_b != nullptr) {
+      for (int j = 0; j < NP; ++j) {
+        acc[i][j] = padd(acc[i][j], ploadu<Packet>(layer.residual_b[r0 + i] + col + j * W));
+      }
+    }
+  }
+  const T* w = layer.weights + r0 * layer.depth;
+  for (Index d = 0; d < layer.depth; ++d) {
+    const T* x = layer.in[d] + col;
+    Packet xp[NP];
+    for (int j = 0; j < NP; ++j) xp[j] = ploadu<Packet>(x + j * W);
+    for (int i = 0; i < MR; ++i) {
+      const Packet wi = pset1<Packet>(w[i * layer.depth + d]);
+      for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(wi, xp[j], acc[i][j]);
+    }
+  }
+  const Packet slope = pset1<Packet>(layer.slope);
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NP; ++j) {
+      const Packet y = layer.activate ? pmax(acc[i][j], pmul(acc[i][j], slope)) : acc[i][j];
+      pstoreu(layer.out[r0 + i] + col + j * W, y);
+    }
+  }
+}
+
+/// Every row of a DapeLayer for the pixels [col, col + NP·packet): blocks of 4 rows, then 2, 1.
+template <class T, int NP>
+void dape_layer_columns(const DapeLayer<T>& layer, Index col) {
+  Index r = 0;
+  for (; r + 4 <= layer.rows; r += 4) dape_layer_block<T, 4, NP>(layer, r, col);
+  if (r + 2 <= layer.rows) {
+    dape_layer_block<T, 2, NP>(layer, r, col);
+    r += 2;
+  }
+  if (r < layer.rows) dape_layer_block<T, 1, NP>(layer, r, col);
+}
+
+/// A DapeLayer over pixels [0, width): strips of three packets (two with 16 vector registers),
+/// the input strip reused by every block of rows, then single packets.
+template <class T>
+void dape_layer(const DapeLayer<T>& layer, Index width) {
+  constexpr Index W = TileKernelTraits<T>::width;
+  constexpr int NP = TileKernelTraits<T>::many_registers ? 3 : 2;
+  Index col = 0;
+  for (; col + NP * W <= width; col += NP * W) dape_layer_columns<T, NP>(layer, col);
+  for (; col < width; col += W) dape_layer_columns<T, 1>(layer, col);
+}
+
+/// The network of DAPE (k = 1, no tril) and DAPE V2 (k odd, tril), on tiles of all heads.
+///
+/// A tile is cut into runs of at most kDapeMaxRun keys, each run into bands of query rows (the
+/// bias B of a band is filled at once), each band into chunks of a few rows. A chunk's pixels are
+/// laid out channel-major (one row per channel, pixels contiguous), one segment per query row
+/// holding the run's keys plus 2·(k/2) neighbours on each side (zero where the neighbour lies
+/// outside the sequence); a 1×k convolution along keys is then a GEMM over k shifted views of the
+/// chunk: [W × C·k]·[C·k × pixels] for the first layer (leaky ReLU on the way out of the
+/// registers), [H × W·k]·[W·k × pixels] for the second (dape_layer). Pixels near a segment's ends
+/// read the next segment's data and are discarded; the run's keys get A + B + the network.
+template <class T>
+class DapeNetwork {
+ public:
+  static constexpr double negative_slope = 0.01;
+
+  /// Checks the shapes (naming `fn`) and keeps the weights, cast to T and split per tap.
+  DapeNetwork(DapeWeights weights, Index kernel, bool with_bias, bool tril, const char* fn)
+      : weights_(std::move(weights)), kernel_(kernel), with_bias_(with_bias), tril_(tril) {
+    detail::require(
+        kernel_ >= 1 && kernel_ % 2 == 1, fn,
+        "kernel size must be odd and >= 1 (zero padding of k/2 keys on each side), got ", kernel_);
+    const Matrix<double>& w1 = weights_.w1;
+    const Matrix<double>& w2 = weights_.w2;
+    const char* k_text = kernel_ == 1 ? "" : "·kernel";
+    const Index heads = w2.rows();
+    detail::require(heads >= 1, fn, "w2 must have one row per head (at least one), got [",
+                    w2.rows(), ", ", w2.cols(), "]");
+    detail::require(w1.rows() >= 1, fn,
+                    "w1 must have mlp_width >= 1 rows (PyTorch (out, in) layout), got [", w1.rows(),
+                    ", ", w1.cols(), "]");
+    const Index channels = (with_bias_ ? 2 : 1) * heads;
+    detail::require(
+        w1.cols() == channels * kernel_, fn, "w1 must be [mlp_width, ",
+        with_bias_ ? "2·heads" : "heads", k_text, "] = [", w1.rows(), ", ", channels * kernel_,
+        "] for the ", heads, " heads of w2 (PyTorch (out, in) layout; input channels: ",
+        with_bias_ ? "the heads' scaled logits, then their biases" : "the scaled logits",
+        kernel_ == 1 ? "" : "; Conv2d weight [out, in, 1, k] reshaped to [out, in·k]", "), got [",
+        w1.rows(), ", ", w1.cols(), "]");
+    detail::require(weights_.b1.size() == w1.rows(), fn, "b1 must have mlp_width = ", w1.rows(),
+                    " entries, got ", weights_.b1.size());
+    detail::require(w2.cols() == w1.rows() * kernel_, fn, "w2 must be [heads, mlp_width", k_text,
+                    "] = [", heads, ", ", w1.rows() * kernel_, "], got [", w2.rows(), ", ",
+                    w2.cols(), "]");
+    detail::require(weights_.b2.size() == heads, fn, "b2 must have heads = ", heads,
+                    " entries, got ", weights_.b2.size());
+    detail::require(
+        w1.allFinite() && weights_.b1.allFinite() && w2.allFinite() && weights_.b2.allFinite(), fn,
+        "weights must be finite");
+    heads_ = heads;
+    channels_ = channels;
+    width_ = w1.rows();
+    // Columns reordered tap-major (t·in + c): a convolution is one GEMM over k shifted inputs.
+    w1_.resize(width_, kernel_ * channels_);
+    w2_.resize(heads_, kernel_ * width_);
+    for (Index t = 0; t < kernel_; ++t) {
+      for (Index c = 0; c < channels_; ++c) {
+        w1_.col(t * channels_ + c) = w1.col(c * kernel_ + t).template cast<T>();
+      }
+      for (Index c = 0; c < width_; ++c) {
+        w2_.col(t * width_ + c) = w2.col(c * kernel_ + t).template cast<T>();
+      }
+    }
+    b1_ = weights_.b1.template cast<T>();
+    b2_ = weights_.b2.template cast<T>();
+  }
+
+  Index heads() const { return heads_; }
+  Index width() const { return width_; }
+  Index kernel() const { return kernel_; }
+  const DapeWeights& weights() const { return weights_; }
+
+  /// scores = A + B + g([A; B]) on one tile (the ScoreMixer contract, encoding.hpp): logits [H,
+  /// rows·K], scores [H, rows·key_count] for keys [first_key, first_key + key_count) of the K
+  /// key_positions. `add_bias(h, qpos, kpos, tile)` adds head h's bias B to a zero tile (called
+  /// only when the network reads a bias).
+  template <class AddBias>
+  void mix(Positions query_positions, Positions key_positions, Index first_key, Index key_count,
+           ConstTileRef<T> logits, TileRef<T> scores, const AddBias& add_bias,
+           const char* fn) const {
+    const auto rows = static_cast<Index>(query_positions.size());
+    const auto K = static_cast<Index>(key_positions.size());
+    detail::require(first_key >= 0 && key_count >= 0 && first_key + key_count <= K, fn, "keys [",
+                    first_key, ", ", first_key + key_count, ") do not lie in the ", K,
+                    " key positions");
+    detail::require(logits.rows() == heads_ && logits.cols() == rows * K, fn,
+                    "logits must be [heads, rows·keys] = [", heads_, ", ", rows * K, "], got [",
+                    logits.rows(), ", ", logits.cols(), "]");
+    detail::require(scores.rows() == heads_ && scores.cols() == rows * key_count, fn,
+                    "scores must be [heads, rows·key_count] = [", heads_, ", ", rows * key_count,
+                    "], got [", scores.rows(), ", ", scores.cols(), "]");
+    if (rows == 0 || key_count == 0) return;
+    const Index half = kernel_ / 2;
+    const Index runs = (key_count + kDapeMaxRun - 1) / kDapeMaxRun;
+    const Index run_length = (key_count + runs - 1) / runs;
+    const Index rows_per_chunk = std::max<Index>(1, kDapeChunkPixels / (run_length + 4 * half));
+    const Index rows_per_band =
+        rows_per_chunk * std::max<Index>(1, kDapeBandPixels / (rows_per_chunk * run_length));
+    DapeScratch<T>& scratch = dape_scratch<T>();
+    const Tile tile{query_positions, key_positions,        logits.data(), logits.outerStride(),
+                    scores.data(),   scores.outerStride(), first_key,     key_count};
+    for (Index run_first = first_key; run_first < first_key + key_count; run_first += run_length) {
+      Band band{0, 0, run_first, std::min(run_first + run_length, first_key + key_count), 0, 0};
+      band.in_first = std::max<Index>(0, run_first - 2 * half);
+      band.in_last = std::min<Index>(K, band.last + 2 * half);
+      for (band.r0 = 0; band.r0 < rows; band.r0 += rows_per_band) {
+        band.rows = std::min(rows_per_band, rows - band.r0);
+        T* bias = nullptr;
+        if (with_bias_) {
+          const Index count = band.in_last - band.in_first;
+          bias = DapeScratch<T>::reserve(scratch.bias, heads_ * band.rows * count);
+          std::fill(bias, bias + heads_ * band.rows * count, T(0));
+          for (Index h = 0; h < heads_; ++h) {
+            Eigen::Map<Matrix<T>> b(bias + h * band.rows * count, band.rows, count);
+            add_bias(h,
+                     query_positions.subspan(static_cast<std::size_t>(band.r0),
+                                             static_cast<std::size_t>(band.rows)),
+                     key_positions.subspan(static_cast<std::size_t>(band.in_first),
+                                           static_cast<std::size_t>(count)),
+                     b);
+          }
+        }
+        for (Index r0 = 0; r0 < band.rows; r0 += rows_per_chunk) {
+          run_chunk(tile, band, r0, std::min(rows_per_chunk, band.rows - r0), bias, scratch);
+        }
+      }
+    }
+  }
+
+ private:
+  /// The arguments of one mix call.
+  struct Tile {
+    Positions qpos, kpos;
+    const T* logits;  // row h at logits + h·logits_stride
+    Index logits_stride;
+    T* scores;  // row h at scores + h·scores_stride
+    Index scores_stride;
+    Index first_key, key_count;
+  };
+
+  /// Query rows [r0, r0 + rows) × output keys [first, last) of a tile, whose input keys are
+  /// [in_first, in_last) (the run and its neighbours inside the sequence).
+  struct Band {
+    Index r0, rows, first, last, in_first, in_last;
+  };
+
+  /// Rows [band.r0 + r0, … + rows) of a band. Each row is a segment of S slots, slot u holding
+  /// key column band.first − 2·half + u. When the chunk is a contiguous block of the logits, the
+  /// band's bias and the scores (DAPE over whole tile rows: no halo, no tril, one run, a whole
+  /// number of packets) the layers read and write them in place; otherwise the input is gathered
+  /// into buffers with `half` margin columns on each side, so that every tap of every slot reads
+  /// valid (zero) memory: slot q of the chunk is column half + q.
+  void run_chunk(const Tile& tile, const Band& band, Index r0, Index rows, const T* band_bias,
+                 DapeScratch<T>& scratch) const {
+    const auto K = static_cast<Index>(tile.kpos.size());
+    const Index half = kernel_ / 2;
+    const Index count = band.last - band.first;
+    const Index S = count + 4 * half;
+    const Index slots = rows * S;
+    const Index in_count = band.in_last - band.in_first;
+    const Index first_row = band.r0 + r0;
+    const auto logits_row = [&](Index h, Index row) {
+      return tile.logits + h * tile.logits_stride + row * K;
+    };
+    const auto bias_row = [&](Index h, Index r) {
+      return band_bias + (h * band.rows + r0 + r) * in_count;
+    };
+    const auto scores_row = [&](Index h, Index row) {
+      return tile.scores + h * tile.scores_stride + row * tile.key_count +
+             (band.first - tile.first_key);
+    };
+    const T slope = static_cast<T>(negative_slope);
+    const T** in = DapeScratch<T>::reserve(scratch.input_rows, kernel_ * channels_);
+    const T** hidden_in = DapeScratch<T>::reserve(scratch.hidden_rows, kernel_ * width_);
+    T** hidden_out = DapeScratch<T>::reserve(scratch.hidden_out, width_);
+    T** out = DapeScratch<T>::reserve(scratch.output_rows, heads_);
+
+    if (!tril_ && half == 0 && count == K && count == tile.key_count &&
+        slots % TileKernelTraits<T>::width == 0) {
+      const T** residual_a = DapeScratch<T>::reserve(scratch.residual_a, heads_);
+      const T** residual_b = DapeScratch<T>::reserve(scratch.residual_b, heads_);
+      T* hidden = DapeScratch<T>::reserve(scratch.hidden, width_ * slots);
+      for (Index h = 0; h < heads_; ++h) {
+        in[h] = residual_a[h] = logits_row(h, first_row);
+        if (with_bias_) in[heads_ + h] = residual_b[h] = bias_row(h, 0);
+        out[h] = scores_row(h, first_row);
+      }
+      for (Index w = 0; w < width_; ++w) hidden_in[w] = hidden_out[w] = hidden + w * slots;
+      dape_layer(DapeLayer<T>{w1_.data(), b1_.data(), width_, channels_, in, hidden_out, nullptr,
+                              nullptr, true, slope},
+                 slots);
+      dape_layer(DapeLayer<T>{w2_.data(), b2_.data(), heads_, width_, hidden_in, out, residual_a,
+                              with_bias_ ? residual_b : nullptr, false, slope},
+                 slots);
+      return;
+    }
+
+    const Index padded = padded_width<T>(slots);
+    const Index ld = padded + 2 * half;
+    const Index slot_key = band.first - 2 * half;  // key column of slot 0 of a segment
+    const Index u_first = band.in_first - slot_key;
+    T* input = DapeScratch<T>::reserve(scratch.input, channels_ * ld);
+    T* hidden = DapeScratch<T>::reserve(scratch.hidden, width_ * ld);
+    T* output = DapeScratch<T>::reserve(scratch.output, heads_ * padded);
+
+    // Input: A of every head, then B; zero in the gaps, the margins and the padding.
+    const bool gaps = in_count != S;  // slots outside the sequence
+    for (Index c = 0; c < channels_; ++c) {
+      T* row = input + c * ld;
+      if (gaps) {
+        std::fill(row, row + ld, T(0));
+      } else {
+        std::fill(row, row + half, T(0));
+        std::fill(row + half + slots, row + ld, T(0));
+      }
+      const bool is_bias = c >= heads_;
+      const Index h = is_bias ? c - heads_ : c;
+      for (Index r = 0; r < rows; ++r) {
+        const T* from = is_bias ? bias_row(h, r) : logits_row(h, first_row + r) + band.in_first;
+        std::copy(from, from + in_count, row + half + r * S + u_first);
+      }
+      for (Index t = 0; t < kernel_; ++t) in[t * channels_ + c] = row + t;
+    }
+    if (tril_) zero_future_keys(tile, first_row, rows, S, slot_key, input, ld);
+
+    // First layer (leaky ReLU), zero where its key lies outside the sequence; second layer.
+    for (Index w = 0; w < width_; ++w) {
+      T* row = hidden + w * ld;
+      std::fill(row, row + half, T(0));
+      std::fill(row + half + padded, row + ld, T(0));
+      hidden_out[w] = row + half;
+      for (Index t = 0; t < kernel_; ++t) hidden_in[t * width_ + w] = row + t;
+    }
+    dape_layer(DapeLayer<T>{w1_.data(), b1_.data(), width_, kernel_ * channels_, in, hidden_out,
+                            nullptr, nullptr, true, slope},
+               padded);
+    if (slot_key + half < 0 || slot_key + S - half > K) {
+      for (Index r = 0; r < rows; ++r) {
+        for (Index u = 0; u < S; ++u) {
+          const Index e = slot_key + u;
+          if (e >= 0 && e < K) continue;
+          for (Index w = 0; w < width_; ++w) hidden[w * ld + half + r * S + u] = T(0);
+        }
+      }
+    }
+    for (Index h = 0; h < heads_; ++h) out[h] = output + h * padded;
+    dape_layer(DapeLayer<T>{w2_.data(), b2_.data(), heads_, kernel_ * width_, hidden_in, out,
+                            nullptr, nullptr, false, slope},
+               padded);
+
+    // scores = A + B + network output at the run's keys (A and B before the tril).
+    const Index bias_offset = band.first - band.in_first;
+    for (Index h = 0; h < heads_; ++h) {
+      for (Index r = 0; r < rows; ++r) {
+        const T* g = output + h * padded + r * S + 2 * half;
+        const T* a = logits_row(h, first_row + r) + band.first;
+        T* s = scores_row(h, first_row + r);
+        if (with_bias_) {
+          const T* b = bias_row(h, r) + bias_offset;
+          for (Index c = 0; c < count; ++c) s[c] = a[c] + b[c] + g[c];
+        } else {
+          for (Index c = 0; c < count; ++c) s[c] = a[c] + g[c];
+        }
+      }
+    }
+  }
+
+  /// DAPE V2's tril: the network's input is zero at keys after the query (position order).
+  void zero_future_keys(const Tile& tile, Index first_row, Index rows, Index S, Index slot_key,
+                        T* input, Index ld) const {
+    const auto K = static_cast<Index>(tile.kpos.size());
+    const Index half = kernel_ / 2;
+    for (Index r = 0; r < rows; ++r) {
+      const Index i = tile.qpos[static_cast<std::size_t>(first_row + r)];
+      for (Index u = 0; u < S; ++u) {
+        const Index e = slot_key + u;
+        if (e < 0 || e >= K || tile.kpos[static_cast<std::size_t>(e)] <= i) continue;
+        for (Index c = 0; c < channels_; ++c) input[c * ld + half + r * S + u] = T(0);
+      }
+    }
+  }
+
+  DapeWeights weights_;
+  Index kernel_;
+  bool with_bias_;
+  bool tril_;
+  Index heads_ = 0;
+  Index channels_ = 0;
+  Index width_ = 0;
+  Matrix<T> w1_;  // [W, k·C], column t·C + c
+  Matrix<T> w2_;  // [H, k·W], column t·W + w
+  Vector<T> b1_;
+  Vector<T> b2_;
+};
+
+/// PyTorch's default initialisation of nn.Linear / nn.Conv2d (weights and biases ~
+/// U(−1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = inputs·k), drawn in the order w1 (row-major), b1,
+/// w2, b2 with detail::uniform.
+inline DapeWeights dape_random_weights(Index channels, Index width, Index heads, Index kernel,
+                                       std::mt19937_64& rng) {
+  const auto draw = [&rng](Index rows, Index cols, Index fan_in) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    Matrix<double> m(rows, cols);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = detail::uniform(rng, -bound, bound);
+    return m;
+  };
+  DapeWeights weights;
+  weights.w1 = draw(width, channels * kernel, channels * kernel);
+  weights.b1 = draw(width, 1, channels * kernel);
+  weights.w2 = draw(heads, width * kernel, width * kernel);
+  weights.b2 = draw(heads, 1, width * kernel);
+  return weights;
+}
+
+/// What Dape and DapeV2 share: the base bias, the network, the ScoreMixer interface.
+template <class T, class Bias>
+class DapeMixer {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "posenc::Dape: the scalar type must be float or double");
+  static_assert(std::is_same_v<Bias, NoPositionalEncoding> || ScoreBias<Bias>,
+                "posenc::Dape: Bias must be a ScoreBias (Alibi, Kerple, Fire, T5Bias, …) or "
+                "NoPositionalEncoding (no bias: A + f(A))");
+
+ public:
+  using Scalar = T;
+  /// Whether the network reads a bias B (C = 2H input channels) or only the logits (C = H).
+  static constexpr bool has_bias = !std::is_same_v<Bias, NoPositionalEncoding>;
+  /// Negative slope of the leaky ReLU between the layers (torch's nn.LeakyReLU() default).
+  static constexpr double negative_slope = DapeNetwork<T>::negative_slope;
+
+  Index heads() const { return network_.heads(); }
+  /// Hidden width W (D_DAPE).
+  Index mlp_width() const { return network_.width(); }
+  /// Key columns the kernel must supply on each side of a tile: k − 1 (0 for DAPE).
+  Index key_halo() const { return network_.kernel() - 1; }
+  /// The weights as given (double, PyTorch layout).
+  const DapeWeights& weights() const { return network_.weights(); }
+  /// The bias B the network reads and the scores include (named so that DAPE is not itself a
+  /// ScoreBias: the kernel must not add B a second time).
+  const Bias& base_bias() const requires has_bias { return bias_; }
+
+  /// Forwards the kernel's shape check to the base bias (the kernel itself rejects a head count
+  /// other than heads()).
+  void validate(const AttentionShape& shape) const requires HasValidate<Bias> {
+    bias_.validate(shape);
+  }
+
+  /// The ScoreMixer stage: scores = A + B + f([A; B]) (see Dape, DapeV2).
+  void mix(Positions query_positions, Positions key_positions, Index first_key, Index key_count,
+           ConstTileRef<T> logits, TileRef<T> scores) const {
+    if constexpr (has_bias) {
+      const auto add_bias = [this](Index head, Positions qpos, Positions kpos, TileRef<T> tile) {
+        bias_.add_bias(head, qpos, kpos, tile);
+      };
+      network_.mix(query_positions, key_positions, first_key, key_count, logits, scores, add_bias,
+                   fn_);
+    } else {
+      const auto no_bias = [](Index, Positions, Positions, TileRef<T>) {};
+      network_.mix(query_positions, key_positions, first_key, key_count, logits, scores, no_bias,
+                   fn_);
+    }
+  }
+
+ protected:
+  DapeMixer(Bias bias, DapeWeights weights, Index kernel, bool tril, const char* fn)
+      : bias_(std::move(bias)), network_(std::move(weights), kernel, has_bias, tril, fn), fn_(fn) {
+    if constexpr (has_bias) {
+      using BiasScalar = typename Bias::Scalar;
+      static_assert(std::is_same_v<BiasScalar, T>,
+                    "posenc::Dape: the bias's Scalar differs from the Dape's");
+      detail::require(static_cast<Index>(bias_.heads()) == network_.heads(), fn,
+                      "the base bias has ", bias_.heads(), " heads but w2 has ", network_.heads(),
+                      " rows (one per head)");
+    }
+  }
+
+ private:
+  Bias bias_;
+  DapeNetwork<T> network_;
+  const char* fn_;
+};
+
+}  // namespace detail
+
+/// DAPE (Zheng, Gao, Shi, Xiong, Sun, Li, Shang, Zhou, Lin & Ma 2024, "DAPE: Data-Adaptive
+/// Positional Encoding for Length Extrapolation", NeurIPS 2024, arXiv 2405.14722): a ScoreMixer
+///
+///   scores_h(i, j) = A_h(i, j) + B_h(i, j) + f([A(i, j); B(i, j)])_h,
+///   f(x) = W2 · LeakyReLU_0.01(W1 · x + b1) + b2
+///
+/// at every query/key pair, across heads: A the scaled logits (the kernel's default scale
+/// 1/sqrt(d), the reference's norm factor) before any mask, B any ScoreBias of the library (the
+/// reference's are the causal forms: `Alibi<T>(H, BiasForm::causal, AlibiSlopes::float32)`,
+/// `Kerple<T>(KerpleKernel::log, p, a)`, `Fire<T>(…, FireOptions::dape(noise_seq_length))`).
+/// - weights: DapeWeights with k = 1: w1 [W, 2H], b1 [W], w2 [H, W], b2 [H] (nn.Linear layout;
+///   input channels A of every head, then B of every head); or Dape::random (PyTorch's default
+///   initialisation from a seed).
+/// - Dape<T> (Bias = NoPositionalEncoding) is the bias-free variant scores = A + f(A), w1 [W, H]
+///   (the reference's `Nope_C` / `DAPEV1`).
+/// - i, j absolute positions (only the bias uses them: f is pointwise, so every tile shape,
+///   mask, query offset and KV cache gives the same scores). The kernel adds no bias of its own:
+///   B is the base bias's (base_bias()), added once here.
+/// - Cost per pair: 3·H·W multiply-adds (two small GEMMs per chunk of a tile), memory O(tile).
+/// - Matches chuanyang-Zheng/DAPE `AliBi_C`, `ParallelKerpleLog_C`, `FIRE_C` (golden
+///   dape_{alibi,kerple,fire}_causal.json). Example: examples/dape_extrapolation.cpp.
+template <class T, class Bias = NoPositionalEncoding>
+class Dape : public detail::DapeMixer<T, Bias> {
+  using Base = detail::DapeMixer<T, Bias>;
+
+ public:
+  /// DAPE over `bias`. Throws std::invalid_argument unless the shapes are as above (naming the
+  /// expected and the given shapes), the weights are finite and bias.heads() == H.
+  Dape(Bias bias, DapeWeights weights) requires Base::has_bias
+      : Base(std::move(bias), std::move(weights), 1, false, "posenc::Dape") {}
+
+  /// The bias-free variant A + f(A). Throws unless w1 is [W, H] and the rest as above.
+  explicit Dape(DapeWeights weights) requires(!Base::has_bias)
+      : Base(Bias{}, std::move(weights), 1, false, "posenc::Dape") {}
+
+  /// PyTorch's default nn.Linear initialisation (U(±1/sqrt(fan_in)) for weights and biases),
+  /// drawn from `rng` in the order w1, b1, w2, b2 (row-major). Throws unless mlp_width >= 1.
+  static Dape random(Bias bias, Index mlp_width, std::mt19937_64& rng) requires Base::has_bias {
+    detail::require(mlp_width >= 1, "posenc::Dape::random", "mlp_width must be >= 1, got ",
+                    mlp_width);
+    const auto heads = static_cast<Index>(bias.heads());
+    return Dape(std::move(bias), detail::dape_random_weights(2 * heads, mlp_width, heads, 1, rng));
+  }
+
+  /// The bias-free variant, randomly initialised as above. Throws unless heads, mlp_width >= 1.
+  static Dape random(Index heads, Index mlp_width, std::mt19937_64& rng) requires(!Base::has_bias) {
+    detail::require(heads >= 1 && mlp_width >= 1, "posenc::Dape::random",
+                    "heads and mlp_width must be >= 1, got ", heads, " and ", mlp_width);
+    return Dape(detail::dape_random_weights(heads, mlp_width, heads, 1, rng));
+  }
+};
+
+/// DAPE V2 (Zheng et al. 2024, "DAPE V2: Process Attention Score as Feature Map for Length
+/// Extrapolation", ACL 2025, arXiv 2410.04798; CDAPE): a ScoreMixer
+///
+///   scores = A + B + g(tril([A; B])),   g = Conv_{W→H, 1×k} ∘ LeakyReLU_0.01 ∘ Conv_{C→W, 1×k}
+///
+/// the convolutions sliding along the keys of each query row (torch cross-correlation,
+/// out[j] = Σ_t w[t]·in[j + t − k/2], biases on both), zero padding at the ends of the key
+/// sequence, and the input zeroed at keys after the query (key position > query position) before
+/// the first convolution, not between them (the reference's `*_DAPEV2`).
+/// - weights: DapeWeights with kernel k (odd): w1 [W, C·k] and w2 [H, W·k] are the Conv2d
+///   weights [out, in, 1, k] reshaped to [out, in·k]; C = 2H with a bias, H without (DapeV2<T>).
+/// - Neighbours are neighbours in the key sequence (key index order), the tril compares
+///   positions. The streaming kernel supplies key_halo() = k − 1 keys on each side of a tile;
+///   keys outside the sequence are zero padding, as in the reference's padded N × N map.
+/// - Like the reference, a score at key j depends on whether keys j + 1 … j + k − 1 exist (the
+///   hidden layer there is nonzero even above the diagonal): decoding through a KV cache equals a
+///   full pass over the same keys, and row t of a longer pass may differ at its last k/2 keys.
+/// - Cost per pair: 3·H·W·k multiply-adds, memory O(tile).
+/// - Matches `Kerple_DAPEV2` (golden dapev2_kerple_conv3_causal.json).
+template <class T, class Bias = NoPositionalEncoding>
+class DapeV2 : public detail::DapeMixer<T, Bias> {
+  using Base = detail::DapeMixer<T, Bias>;
+
+ public:
+  /// DAPE V2 over `bias` with 1 × kernel convolutions. Throws std::invalid_argument unless the
+  /// kernel is odd and >= 1, the shapes are as above, the weights finite and bias.heads() == H.
+  DapeV2(Bias bias, DapeWeights weights, Index kernel) requires Base::has_bias
+      : Base(std::move(bias), std::move(weights), kernel, true, "posenc::DapeV2") {}
+
+  /// The bias-free variant A + g(tril(A)). Throws as above.
+  DapeV2(DapeWeights weights, Index kernel) requires(!Base::has_bias)
+      : Base(Bias{}, std::move(weights), kernel, true, "posenc::DapeV2") {}
+
+  /// PyTorch's default nn.Conv2d initialisation (U(±1/sqrt(in·k))), drawn as Dape::random.
+  static DapeV2 random(Bias bias, Index mlp_width, Index kernel,
+                       std::mt19937_64& rng) requires Base::has_bias {
+    detail::require(mlp_width >= 1 && kernel >= 1, "posenc::DapeV2::random",
+                    "mlp_width and kernel must be >= 1, got ", mlp_width, " and ", kernel);
+    const auto heads = static_cast<Index>(bias.heads());
+    return DapeV2(std::move(bias),
+                  detail::dape_random_weights(2 * heads, mlp_width, heads, kernel, rng), kernel);
+  }
+
+  /// The bias-free variant, randomly initialised as above.
+  static DapeV2 random(Index heads, Index mlp_width, Index kernel,
+                       std::mt19937_64& rng) requires(!Base::has_bias) {
+    detail::require(heads >= 1 && mlp_width >= 1 && kernel >= 1, "posenc::DapeV2::random",
+                    "heads, mlp_width and kernel must be >= 1, got ", heads, ", ", mlp_width,
+                    " and ", kernel);
+    return DapeV2(detail::dape_random_weights(heads, mlp_width, heads, kernel, rng), kernel);
+  }
+
+  /// The convolutions' kernel size k.
+  Index kernel_size() const { return this->key_halo() + 1; }
+};
+
+static_assert(ScoreMixer<Dape<float>>);
+static_assert(ScoreMixer<Dape<double>>);
+static_assert(ScoreMixer<DapeV2<float>>);
+static_assert(!ScoreBias<Dape<float>> && !QueryKeyTransform<Dape<float>>,
+              "Dape must not look like a ScoreBias: the kernel would add B twice");
+
+}  // namespace posenc
