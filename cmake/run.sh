@@ -6,8 +6,11 @@
 #                       (configure, build, test) and prints a summary; non-zero on any failure
 set -euo pipefail
 
-# The demo: an example target of the release preset (examples/<name>.cpp -> posenc_example_<name>).
-DEMO_TARGET=posenc_example_quickstart
+# The demo: an example target of the release preset (examples/<name>.cpp -> posenc_example_<name>)
+# and its arguments. The extrapolation report writes its tables, CSV and PNG plots (gnuplot) under
+# build/release/examples/extrapolation_report/ and prints their paths.
+DEMO_TARGET=posenc_example_extrapolation_report
+DEMO_ARGS=(--require-plots)
 # Debian 12 packages: toolchain, Eigen, GoogleTest, Google Benchmark, the JSON reader of the
 # tests, pkg-config (packaging test) and gnuplot (plots of the demo).
 PACKAGES="cmake g++ make libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev pkgconf gnuplot-nox"
@@ -68,7 +71,7 @@ case "${1:-}" in
     cmake --build --preset release --target "$DEMO_TARGET"
     # Run inside the build tree so anything the demo writes (CSV, plots) stays out of the sources.
     cd build/release/examples
-    exec "./$DEMO_TARGET"
+    exec "./$DEMO_TARGET" "${DEMO_ARGS[@]}"
     ;;
   test)
     install_missing_packages

@@ -1,19 +1,23 @@
 // SPDX-License-Identifier: MIT
-// Extrapolation report: every encoder at fixed seeded weights on the same random q, k, v, as if
-// trained at 128 tokens and run at 128 … 8192. Per encoder and length: attention resolution of
-// the empirical score curve, TRF, ERF, entropy, mean distance, mass beyond 128 and drift; one
-// table per encoder on stdout, CSV files, and PNG plots through gnuplot.
+// Extrapolation report: every encoder of the library at fixed seeded weights on the same random
+// q, k, v, as if trained at 128 tokens and run at 128 … 8192. Per encoder and length: attention
+// resolution of the empirical score curve, TRF, ERF, entropy, mean distance, mass beyond 128 and
+// two drifts; one table per encoder on stdout, CSV files, and PNG plots through gnuplot.
 //
-//   posenc_example_extrapolation_report [--quick] [--out DIR] [--require-plots] [--no-plots]
+//   posenc_example_extrapolation_report [--quick] [--out DIR] [--docs-png PATH]
+//                                       [--require-plots] [--no-plots]
 //
-// --quick: lengths 128, 256, 512 only (what CTest runs). --require-plots: fail when gnuplot is
+// --quick: lengths 128, 256, 512 (what CTest runs). --docs-png: also copy the curves figure to
+// PATH (docs/extrapolation_curves.png is made this way). --require-plots: fail when gnuplot is
 // missing or fails (the demo command uses it). Adding an encoder is one line in `encoders()`.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <string_view>
@@ -26,50 +30,7 @@ namespace {
 
 using posenc::Index;
 using Scalar = double;
-
-// ---------------------------------------------------------------------------------------------
-// The encoders. Until the encoder headers land, the list holds NoPE and a local ALiBi-shaped
-// bias; each encoder becomes one `Entry{...}` line here.
-// ---------------------------------------------------------------------------------------------
-
-/// A local stand-in for ALiBi (not a library encoder): b_h(i, j) = −m_h·(i − j), m_h = 2^(−8h/H).
-struct LinearBias {
-  using Scalar = double;
-  std::vector<double> slopes;
-  explicit LinearBias(Index heads) {
-    for (Index h = 1; h <= heads; ++h) {
-      slopes.push_back(std::exp2(-8.0 * static_cast<double>(h) / static_cast<double>(heads)));
-    }
-  }
-  Index heads() const { return static_cast<Index>(slopes.size()); }
-  double bias(Index h, Index i, Index j) const {
-    return -slopes[static_cast<std::size_t>(h)] * static_cast<double>(i - j);
-  }
-  void add_bias(Index h, posenc::Positions qpos, posenc::Positions kpos,
-                posenc::TileRef<double> tile) const {
-    for (Index r = 0; r < tile.rows(); ++r) {
-      for (Index c = 0; c < tile.cols(); ++c) tile(r, c) += bias(h, qpos[r], kpos[c]);
-    }
-  }
-};
-static_assert(posenc::ScoreBias<LinearBias>);
-
-template <class Encoder>
-struct Entry {
-  std::string name;  // file-name safe
-  std::string description;
-  Encoder encoder;
-};
-
-auto encoders(Index heads) {
-  return std::tuple{
-      Entry{"nope", "no positional encoding", posenc::NoPositionalEncoding{}},
-      Entry{"linear_bias", "local ALiBi-shaped bias -m_h (i - j), m_h = 2^(-8h/H)",
-            LinearBias(heads)},
-  };
-}
-
-// ---------------------------------------------------------------------------------------------
+constexpr double nan = std::numeric_limits<double>::quiet_NaN();
 
 struct Settings {
   Index heads = 4;
@@ -77,12 +38,84 @@ struct Settings {
   Index train = 128;       // the "training length"
   Index probe_rows = 64;   // the last query rows analysed at each length
   Index map_length = 256;  // attention maps are drawn at this length
+  Index map_head = 1;      // … for this head (ALiBi: slope 1/16)
   double eps = 0.05;       // TRF / ERF share
   std::vector<Index> lengths;
   std::filesystem::path out = "extrapolation_report";
+  std::optional<std::filesystem::path> docs_png;
   bool plots = true;
   bool require_plots = false;
 };
+
+// ---------------------------------------------------------------------------------------------
+// The encoders, each at fixed weights from its own seed (the library's reference
+// initialisations), with the settings of a model trained at 128 tokens where one exists.
+// ---------------------------------------------------------------------------------------------
+
+template <class Encoder>
+struct Entry {
+  std::string name;  // file-name safe
+  std::string description;
+  Encoder encoder;
+  bool absolute = false;  // inputs get sinusoidal p_i added to q and k; the kernel sees NoPE
+};
+
+std::mt19937_64 seeded(std::uint64_t seed) { return std::mt19937_64(seed); }
+
+auto encoders(const Settings& s) {
+  using namespace posenc;
+  const Index H = s.heads;
+  auto rng = seeded(3);
+  const auto kerple = Kerple<Scalar>::random(KerpleKernel::log, H, rng);
+  const Alibi<Scalar> alibi(H);
+  return std::tuple{
+      Entry{"nope", "no positional encoding", NoPositionalEncoding{}},
+      Entry{"sinusoidal",
+            "sinusoidal absolute p_i (Vaswani et al.) added to q_i and k_i, identity projections",
+            NoPositionalEncoding{}, true},
+      Entry{"rope", "RoPE, base 10000, interleaved pairs", RotaryEncoding<Scalar>(s.dim)},
+      Entry{"xpos", "XPos, gamma 0.4, scale_base 512", XPosEncoding<Scalar>(s.dim)},
+      Entry{"alibi", "ALiBi, slopes 2^(-8h/H)", alibi},
+      Entry{"kerple_log", "KERPLE-log, reference initialisation (r1 ~ U[0,2), r2 ~ U[0,1))",
+            kerple},
+      Entry{"t5", "T5 bias, 32 causal buckets, max_distance 128, table ~ N(0, 1)",
+            [&] {
+              auto r = seeded(5);
+              return T5RelativeBias<Scalar>::random(H, 1.0, r, {.bidirectional = false});
+            }()},
+      Entry{"fire", "FIRE, MLP 1-32-H, threshold L = 128",
+            [&] {
+              auto r = seeded(7);
+              return Fire<Scalar>::random(H, 32, r, {.threshold = static_cast<double>(s.train)});
+            }()},
+      Entry{"shaw", "Shaw relative keys and values, clip 16, Glorot tables",
+            [&] {
+              auto r = seeded(11);
+              return ShawRelative<Scalar>::random(16, s.dim, s.dim, ShawValues::separate, r);
+            }()},
+      Entry{"sine_spe", "sineSPE, 5 sines, R = 64, ungated, softmax attention",
+            SineSpe<Scalar>(SineSpeParameters<Scalar>::initial(H, s.dim, 5, 13), 64, 17)},
+      Entry{"conv_spe", "convSPE, kernel 32, R = 64, ungated, softmax attention",
+            ConvSpe<Scalar>(ConvSpeParameters<Scalar>::initial(H, s.dim, 32, 19), 64, 23)},
+      Entry{"dape_kerple", "DAPE over the KERPLE-log above, MLP 2H-32-H",
+            [&] {
+              auto r = seeded(29);
+              return Dape<Scalar, Kerple<Scalar>>::random(kerple, 32, r);
+            }()},
+      Entry{"dape_alibi", "DAPE over the ALiBi above, MLP 2H-32-H",
+            [&] {
+              auto r = seeded(31);
+              return Dape<Scalar, Alibi<Scalar>>::random(alibi, 32, r);
+            }()},
+      Entry{"dapev2_kerple", "DAPE V2 over the KERPLE-log above, 1x3 convolutions, width 32",
+            [&] {
+              auto r = seeded(37);
+              return DapeV2<Scalar, Kerple<Scalar>>::random(kerple, 32, 3, r);
+            }()},
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
 
 struct Inputs {
   posenc::Heads<Scalar> q, k, v;  // [H, max length, D]
@@ -94,31 +127,85 @@ Inputs make_inputs(const Settings& s) {
             posenc::Heads<Scalar>(s.heads, n, s.dim)};
   std::mt19937_64 rng(20260128);
   std::normal_distribution<double> normal;
-  for (posenc::Heads<Scalar>* x : {&in.q, &in.k, &in.v}) {
-    for (Index i = 0; i < x->flat().size(); ++i) x->flat()[i] = normal(rng);
+  // Position-major draws: every length sees the same prefix, so --quick reproduces the first
+  // rows of the full report.
+  for (Index i = 0; i < n; ++i) {
+    for (posenc::Heads<Scalar>* x : {&in.q, &in.k, &in.v}) {
+      for (Index h = 0; h < s.heads; ++h) {
+        for (Index d = 0; d < s.dim; ++d) (*x)(h, i, d) = normal(rng);
+      }
+    }
   }
   return in;
 }
 
-/// The TRF of an encoder's head when the library defines one for it (ScoreBias encoders, NoPE).
-template <class Encoder>
-posenc::ReceptiveField trf_of(const Encoder& encoder, Index head, double eps) {
-  if constexpr (requires { posenc::theoretical_receptive_field(encoder, head, eps); }) {
-    return posenc::theoretical_receptive_field(encoder, head, eps);
-  } else {
-    return {false, 0, "not defined: the encoding is not an additive bias",
-            std::numeric_limits<double>::quiet_NaN()};
+/// The same inputs with the sinusoidal encoding of row i (absolute position i) added to q and k:
+/// x_i + p_i through identity projections. v is left alone so that every encoder mixes the same
+/// values (an identity value projection would add p_j to v as well).
+Inputs with_sinusoidal(const Inputs& plain, const Settings& s) {
+  Inputs in = plain;
+  const posenc::SinusoidalEncoding<Scalar> encoding(s.dim);
+  const posenc::Matrix<Scalar> table = encoding.table(0, in.q.rows());
+  for (Index h = 0; h < s.heads; ++h) {
+    in.q.head(h) += table;
+    in.k.head(h) += table;
   }
+  return in;
+}
+
+/// Limit TRF (the series of a query far from the start) of an entry's head.
+template <class Encoder>
+posenc::ReceptiveField trf_limit(const Entry<Encoder>& entry, Index head, double eps) {
+  if (entry.absolute) {
+    return {false, 0,
+            "not defined: an absolute encoding moves q and k, not the logits by a q/k-free bias",
+            nan, false};
+  }
+  return posenc::theoretical_receptive_field(entry.encoder, head, eps);
+}
+
+/// TRF of an entry's head for the query at position `query` (keys 0 … query); NaN if undefined.
+template <class Encoder>
+double trf_at(const Entry<Encoder>& entry, Index head, double eps, Index query) {
+  if (entry.absolute) return nan;
+  const posenc::ReceptiveField field =
+      posenc::theoretical_receptive_field_at(entry.encoder, head, eps, query);
+  return field.finite ? static_cast<double>(field.tokens) : nan;
+}
+
+std::string trf_text(const posenc::ReceptiveField& f) {
+  if (f.finite) return std::to_string(f.tokens);
+  return f.additive ? "inf" : "undefined";
+}
+
+/// Mean over rows of |a_r − b_r| / |b_r| for one head.
+template <class A, class B>
+double relative_drift(const A& a, const B& b) {
+  double drift = 0.0;
+  for (Index r = 0; r < a.rows(); ++r) {
+    drift += (a.row(r) - b.row(r)).norm() / std::max(b.row(r).norm(), 1e-300);
+  }
+  return drift / static_cast<double>(a.rows());
 }
 
 struct Measure {
-  double resolution, erf, entropy, mean_distance, mass_beyond, drift;
+  double resolution, trf_at, erf, entropy, mean_distance, mass_beyond, drift_window, drift_prefix;
 };
+inline constexpr int measure_count = 8;
 
-/// Everything at one length, per head: the last `rows` queries against all `length` keys.
+double field(const Measure& m, int i) {
+  const double values[measure_count] = {m.resolution,   m.trf_at,        m.erf,
+                                        m.entropy,      m.mean_distance, m.mass_beyond,
+                                        m.drift_window, m.drift_prefix};
+  return values[i];
+}
+
+/// Everything at one length, per head: the last `probe_rows` queries against all `length` keys,
+/// and the first `train` queries against all `length` keys (drift_prefix against `prefix`).
 template <class Encoder>
-std::vector<Measure> measure(const Encoder& encoder, const Inputs& in, const Settings& s,
-                             Index length) {
+std::vector<Measure> measure(const Entry<Encoder>& entry, const Inputs& in, const Settings& s,
+                             Index length, const posenc::Heads<Scalar>& prefix) {
+  const Encoder& encoder = entry.encoder;
   const Index rows = std::min(s.probe_rows, length);
   const auto q = in.q.view().middle_rows(length - rows, rows);
   const auto k = in.k.view().middle_rows(0, length);
@@ -134,126 +221,223 @@ std::vector<Measure> measure(const Encoder& encoder, const Inputs& in, const Set
   const auto stats = posenc::attention_statistics(weights, s.train, options);
   const auto full = posenc::attention(q, k, v, encoder, options);
   const auto trained = posenc::attention(q, k, v, encoder, window);
+  const auto first = posenc::attention(in.q.view().middle_rows(0, s.train), k, v, encoder);
 
   std::vector<Measure> result;
   for (Index h = 0; h < s.heads; ++h) {
-    double drift = 0.0;
-    for (Index r = 0; r < rows; ++r) {
-      const double change = (full.head(h).row(r) - trained.head(h).row(r)).norm();
-      drift += change / std::max(trained.head(h).row(r).norm(), 1e-300) / static_cast<double>(rows);
-    }
-    result.push_back({resolution[h], erf.mean[h], stats.entropy[h], stats.mean_distance[h],
-                      stats.mass_beyond[h], drift});
+    result.push_back({resolution[h], trf_at(entry, h, s.eps, length - 1), erf.mean[h],
+                      stats.entropy[h], stats.mean_distance[h], stats.mass_beyond[h],
+                      relative_drift(full.head(h), trained.head(h)),
+                      relative_drift(first.head(h), prefix.head(h))});
   }
   return result;
 }
 
-std::string trf_text(const posenc::ReceptiveField& f) {
-  if (!f.finite) return std::isnan(f.total_weight) ? "n/a" : "inf";
-  return std::to_string(f.tokens);
+void write_csv_number(std::ofstream& out, double x) {
+  if (std::isnan(x)) {
+    out << "NaN";
+  } else {
+    out << x;
+  }
+}
+
+std::string table_number(double x, const char* format) {
+  if (std::isnan(x)) return "-";
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, format, x);
+  return buffer;
 }
 
 /// Runs one encoder: table on stdout, CSV and attention-map data on disk.
 template <class Encoder>
-void report(const Entry<Encoder>& entry, const Inputs& in, const Settings& s,
-            std::vector<std::string>& names) {
+void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& absolute,
+            const Settings& s, std::vector<std::string>& names) {
+  const Inputs& in = entry.absolute ? absolute : plain;
   std::printf("\n== %s: %s ==\n", entry.name.c_str(), entry.description.c_str());
   std::vector<posenc::ReceptiveField> trf;
-  std::printf("TRF (eps = %g) per head:", s.eps);
+  std::printf("TRF_%g (limit, query far from the start) per head:", s.eps);
   for (Index h = 0; h < s.heads; ++h) {
-    trf.push_back(trf_of(entry.encoder, h, s.eps));
+    trf.push_back(trf_limit(entry, h, s.eps));
     std::printf(" %s", trf_text(trf.back()).c_str());
   }
-  std::printf("\n  (%s)\n", trf.front().reason.c_str());
-  std::printf("%8s %10s %9s %9s %10s %10s %9s\n", "length", "R(s_hat)", "ERF", "entropy",
-              "mean dist", "mass>=L", "drift");
+  std::printf("\n");
+  if (trf.front().additive) {
+    for (const auto& f : trf) std::printf("  %s\n", f.reason.c_str());
+  } else {
+    std::printf("  %s\n", trf.front().reason.c_str());
+  }
+  if constexpr (requires { entry.encoder.base_bias(); }) {
+    std::printf("TRF_%g of the base bias alone per head:", s.eps);
+    for (Index h = 0; h < s.heads; ++h) {
+      std::printf(" %s",
+                  trf_text(posenc::theoretical_receptive_field(entry.encoder.base_bias(), h, s.eps))
+                      .c_str());
+    }
+    std::printf("\n");
+  }
+  if constexpr (requires { posenc::rotary_score_curve(entry.encoder, Index{1}); }) {
+    std::printf("design-time R(g) of the encoder (rotary_score_curve, sum form), N = length:");
+    for (const Index length : s.lengths) {
+      std::printf(" %.3g",
+                  posenc::attention_resolution(posenc::rotary_score_curve(entry.encoder, length)));
+    }
+    std::printf("\n");
+  }
+  std::printf("%7s %9s %8s %8s %8s %9s %8s %9s %9s\n", "length", "R(s_hat)", "TRF@L", "ERF",
+              "entropy", "mean dist", "mass>=T", "drift win", "drift 0:T");
 
   // <name>.csv: one row per (length, head); <name>_mean.csv: the means over heads (plotted).
   std::ofstream csv(s.out / (entry.name + ".csv"));
   std::ofstream means(s.out / (entry.name + "_mean.csv"));
-  csv << "length,head,resolution,trf,erf,entropy,mean_distance,mass_beyond_train,drift\n";
-  means << "length,resolution,erf,entropy,mean_distance,mass_beyond_train,drift\n";
+  const char* columns =
+      "resolution,trf_at_length,erf,entropy,mean_distance,mass_beyond_train,drift_window,"
+      "drift_first_train";
+  csv << "length,head,trf_limit," << columns << '\n';
+  means << "length," << columns << '\n';
   csv.precision(10);
   means.precision(10);
+  const posenc::Heads<Scalar> prefix =
+      posenc::attention(in.q.view().middle_rows(0, s.train), in.k.view().middle_rows(0, s.train),
+                        in.v.view().middle_rows(0, s.train), entry.encoder);
   for (const Index length : s.lengths) {
-    const std::vector<Measure> m = measure(entry.encoder, in, s, length);
-    Measure mean{0, 0, 0, 0, 0, 0};
+    const std::vector<Measure> m = measure(entry, in, s, length, prefix);
+    double mean[measure_count] = {};
     for (Index h = 0; h < s.heads; ++h) {
       const Measure& x = m[static_cast<std::size_t>(h)];
-      csv << length << ',' << h << ',' << x.resolution << ',' << trf_text(trf[h]) << ',' << x.erf
-          << ',' << x.entropy << ',' << x.mean_distance << ',' << x.mass_beyond << ',' << x.drift
-          << '\n';
-      const double w = 1.0 / static_cast<double>(s.heads);
-      mean = {mean.resolution + w * x.resolution,   mean.erf + w * x.erf,
-              mean.entropy + w * x.entropy,         mean.mean_distance + w * x.mean_distance,
-              mean.mass_beyond + w * x.mass_beyond, mean.drift + w * x.drift};
+      csv << length << ',' << h << ',' << trf_text(trf[static_cast<std::size_t>(h)]);
+      for (int i = 0; i < measure_count; ++i) {
+        csv << ',';
+        write_csv_number(csv, field(x, i));
+        mean[i] += field(x, i) / static_cast<double>(s.heads);  // NaN stays NaN
+      }
+      csv << '\n';
     }
-    means << length << ',' << mean.resolution << ',' << mean.erf << ',' << mean.entropy << ','
-          << mean.mean_distance << ',' << mean.mass_beyond << ',' << mean.drift << '\n';
-    std::printf("%8ld %10.3g %9.1f %9.3f %10.1f %10.4f %9.4f\n", static_cast<long>(length),
-                mean.resolution, mean.erf, mean.entropy, mean.mean_distance, mean.mass_beyond,
-                mean.drift);
+    means << length;
+    for (const double x : mean) {
+      means << ',';
+      write_csv_number(means, x);
+    }
+    means << '\n';
+    std::printf("%7ld %9s %8s %8s %8s %9s %8s %9s %9s\n", static_cast<long>(length),
+                table_number(mean[0], "%.3g").c_str(), table_number(mean[1], "%.1f").c_str(),
+                table_number(mean[2], "%.1f").c_str(), table_number(mean[3], "%.3f").c_str(),
+                table_number(mean[4], "%.1f").c_str(), table_number(mean[5], "%.4f").c_str(),
+                table_number(mean[6], "%.4f").c_str(), table_number(mean[7], "%.2g").c_str());
   }
-  std::printf("  (means over %ld heads and the last %ld query rows)\n", static_cast<long>(s.heads),
-              static_cast<long>(s.probe_rows));
 
-  // The full causal attention map of head 0 at map_length, for the heat map.
+  // The full causal attention map of head map_head at map_length, for the heat map.
   const Index n = std::min(s.map_length, s.lengths.back());
   const auto weights =
       posenc::attention_weights(in.q.view().middle_rows(0, n), in.k.view().middle_rows(0, n),
                                 in.v.view().middle_rows(0, n), entry.encoder);
-  std::ofstream map(s.out / (entry.name + "_map.dat"));
+  // <name>_map.f32: log10 of the weights, row-major float32 (NaN where the weight is 0).
+  std::ofstream map(s.out / (entry.name + "_map.f32"), std::ios::binary);
   for (Index r = 0; r < n; ++r) {
-    for (Index c = 0; c < n; ++c) map << weights(0, r, c) << (c + 1 < n ? ' ' : '\n');
+    for (Index c = 0; c < n; ++c) {
+      const double w = weights(s.map_head, r, c);
+      const auto value = static_cast<float>(w > 0.0 ? std::log10(w) : nan);
+      map.write(reinterpret_cast<const char*>(&value), sizeof value);
+    }
   }
   names.push_back(entry.name);
 }
 
 bool have_gnuplot() { return std::system("command -v gnuplot > /dev/null 2>&1") == 0; }
 
+/// 14 distinguishable line styles (colour, dash, point) for the curves.
+void write_line_styles(std::ofstream& gp, std::size_t count) {
+  const char* colours[] = {"#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3",
+                           "#ff7f00", "#a65628", "#f781bf", "#666666", "#1b9e77",
+                           "#d95f02", "#7570b3", "#e7298a", "#66a61e"};
+  constexpr std::size_t palette = sizeof colours / sizeof colours[0];
+  for (std::size_t i = 0; i < count; ++i) {
+    gp << "set linetype " << i + 1 << " lc rgb '" << colours[i % palette] << "' lw 1.6 dt "
+       << (i < 7 ? 1 : 2) << " pt " << i % 13 + 1 << " ps 0.8\n";
+  }
+}
+
 /// Writes plots.gp and runs gnuplot. Returns the PNG paths, empty on failure.
 std::vector<std::filesystem::path> plot(const Settings& s, const std::vector<std::string>& names) {
   const bool cairo = std::system("gnuplot -e 'set terminal pngcairo' > /dev/null 2>&1") == 0;
   const std::string terminal =
-      cairo ? "pngcairo noenhanced font ',10' size " : "png noenhanced size ";
+      cairo ? "pngcairo noenhanced font 'sans,10' size " : "png noenhanced size ";
   const std::filesystem::path curves = s.out / "curves_vs_length.png";
+  const std::filesystem::path maps = s.out / "attention_maps.png";
   const std::filesystem::path script_path = s.out / "plots.gp";
-  std::vector<std::filesystem::path> pngs{curves};
+  std::vector<std::filesystem::path> pngs{curves, maps};
+  const Index n = std::min(s.map_length, s.lengths.back());
   std::ofstream gp(script_path);
-  gp << "# Generated by posenc_example_extrapolation_report.\n"
-     << "set terminal " << terminal << "1200,800\nset output '" << curves.string() << "'\n"
-     << "set datafile separator ','\nset multiplot layout 2,3 title 'posenc extrapolation "
-     << "report: trained at " << s.train << ", means over heads and the last " << s.probe_rows
-     << " queries'\nset logscale x 2\nset grid\nset key top left\nset xlabel 'context length'\n"
-     << "encoders = '";
+  gp << "# Generated by posenc_example_extrapolation_report.\n";
+  write_line_styles(gp, names.size());
+  gp << "encoders = '";
   for (const auto& name : names) gp << name << ' ';
-  gp << "'\n";
-  const std::vector<std::pair<int, std::string>> panels{
-      {2, "attention resolution R(s_hat)"},
-      {3, "ERF (tokens, eps = " + std::to_string(s.eps).substr(0, 4) + ")"},
-      {4, "entropy (nats)"},
-      {5, "mean attention distance (tokens)"},
-      {6, "attention mass at distance >= " + std::to_string(s.train)},
-      {7, "drift against the training window"}};
-  for (const auto& [column, title] : panels) {
-    gp << "set title '" << title << "'\n"
-       << "plot for [e in encoders] '" << s.out.string() << "/'.e.'_mean.csv' using 1:" << column
-       << " skip 1 with linespoints title e\n";
+  gp << "'\ndir = '" << s.out.string() << "/'\n";
+
+  // 1. Curves against the context length: 8 panels and a key.
+  gp << "set terminal " << terminal << "1600,900\nset output '" << curves.string() << "'\n"
+     << "set datafile separator ','\nset multiplot layout 3,3 title 'posenc extrapolation "
+     << "report: trained at " << s.train << ", " << s.heads << " heads, head dim " << s.dim
+     << ", means over heads and the last " << s.probe_rows << " queries (drift 0:T: the first "
+     << s.train << " queries)'\n"
+     << "set logscale x 2\nset grid\nunset key\nset xlabel 'context length L'\n";
+  struct Panel {
+    int column;
+    std::string title;
+    bool log_y;
+  };
+  char eps[16];
+  std::snprintf(eps, sizeof eps, "%g", s.eps);
+  const std::vector<Panel> panels{
+      {2, "attention resolution R(s_hat)", false},
+      {3, std::string("TRF_") + eps + " of the query at L - 1 (tokens)", true},
+      {4, std::string("ERF_") + eps + " (tokens)", true},
+      {5, "entropy (nats)", false},
+      {6, "mean attention distance (tokens)", true},
+      {7, "attention mass at distance >= " + std::to_string(s.train), false},
+      {8, "drift vs a " + std::to_string(s.train) + "-key sliding window", false},
+      {9,
+       "drift of the first " + std::to_string(s.train) +
+           " outputs vs L = " + std::to_string(s.train),
+       false}};
+  for (const Panel& p : panels) {
+    gp << (p.log_y ? "set logscale y 10\n" : "unset logscale y\n") << "set title '" << p.title
+       << "'\nplot for [i=1:words(encoders)] dir.word(encoders, i).'_mean.csv' using 1:" << p.column
+       << " skip 1 with linespoints lt i title word(encoders, i)\n";
   }
-  gp << "unset multiplot\nunset logscale x\nset datafile separator whitespace\nunset grid\n"
-     << "set palette defined (0 '#440154', 1 '#3b528b', 2 '#21908d', 3 '#5dc963', 4 '#fde725')\n";
+  gp << "unset logscale\nunset grid\nunset title\nunset xlabel\nunset border\nunset tics\n"
+     << "set key center center maxrows 7 box\nset xrange [0:1]\nset yrange [0:1]\n"
+     << "plot for [i=1:words(encoders)] 2 with linespoints lt i title word(encoders, i)\n"
+     << "unset multiplot\nset border\nset tics\nunset key\nset autoscale\n";
+
+  // 2. Attention maps of head map_head at n tokens: one grid, and one file per encoder.
+  gp << "set datafile separator whitespace\n"
+     << "set palette defined (0 '#440154', 1 '#3b528b', 2 '#21908d', 3 '#5dc963', 4 '#fde725')\n"
+     << "set size ratio -1\nset xrange [-0.5:" << n << "-0.5]\nset yrange [" << n
+     << "-0.5:-0.5]\nset cbrange [-6:0]\n";
+  const auto map_plot = [&](const std::string& name) {
+    gp << "plot dir.'" << name << "_map.f32' binary array=(" << n << ',' << n
+       << ") format='%float' with image notitle\n";
+  };
+  const std::size_t grid_columns = 5;
+  const std::size_t grid_rows = (names.size() + grid_columns - 1) / grid_columns;
+  gp << "set terminal " << terminal << "1600," << 330 * grid_rows + 40 << "\nset output '"
+     << maps.string() << "'\nset multiplot layout " << grid_rows << ',' << grid_columns
+     << " title 'attention weights of head " << s.map_head << " at " << n
+     << " tokens (log10, white: 0; x: key, y: query; trained at " << s.train << ")'\n"
+     << "unset xtics\nunset ytics\nunset colorbox\n";
+  for (const auto& name : names) {
+    gp << "set title '" << name << "'\n";
+    map_plot(name);
+  }
+  gp << "unset multiplot\nset xtics\nset ytics\nset colorbox\n"
+     << "set xlabel 'key position'\nset ylabel 'query position'\nset cblabel 'log10 weight'\n";
   for (const auto& name : names) {
     const std::filesystem::path png = s.out / (name + "_map.png");
     pngs.push_back(png);
-    const Index n = std::min(s.map_length, s.lengths.back());
     gp << "set terminal " << terminal << "700,640\nset output '" << png.string() << "'\n"
-       << "set title '" << name << ": attention weights of head 0 at " << n
-       << " tokens (log10; white: weight 0)'\n"
-       << "set xlabel 'key position'\nset ylabel 'query position'\nset size ratio -1\n"
-       << "set xrange [-0.5:" << n << "-0.5]\nset yrange [" << n << "-0.5:-0.5]\n"
-       << "set cbrange [-6:0]\nset cblabel 'log10 weight'\n"
-       << "plot '" << (s.out / (name + "_map.dat")).string()
-       << "' matrix using 1:2:($3 > 0 ? log10($3) : NaN) with image notitle\n";
+       << "set title '" << name << ": attention weights of head " << s.map_head << " at " << n
+       << " tokens (log10; white: weight 0)'\n";
+    map_plot(name);
   }
   gp.close();
   const std::string command = "gnuplot '" + script_path.string() + "'";
@@ -272,40 +456,57 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (arg == "--out" && i + 1 < argc) {
       s.out = argv[++i];
+    } else if (arg == "--docs-png" && i + 1 < argc) {
+      s.docs_png = argv[++i];
     } else if (arg == "--require-plots") {
       s.require_plots = true;
     } else if (arg == "--no-plots") {
       s.plots = false;
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--out DIR] [--require-plots] [--no-plots]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--out DIR] [--docs-png PATH] [--require-plots] "
+                   "[--no-plots]\n",
                    argv[0]);
       return 2;
     }
   }
   for (Index n = s.train; n <= (quick ? 512 : 8192); n *= 2) s.lengths.push_back(n);
+  // The calls here are small (64 query rows): Eigen's own GEMM threads would only spin. The
+  // attention kernel keeps its threads.
+  Eigen::setNbThreads(1);
   std::filesystem::create_directories(s.out);
   s.out = std::filesystem::absolute(s.out).lexically_normal();  // printed paths are absolute
 
   std::printf(
-      "posenc extrapolation report: %ld heads, head dim %ld, random N(0,1) q/k/v (seeded),\n"
-      "trained at %ld, lengths %ld ... %ld, eps = %g\n",
+      "posenc extrapolation report: %ld heads, head dim %ld, random N(0,1) q/k/v (seeded), the\n"
+      "same inputs and the default logit scale 1/sqrt(width) for every encoder, fixed seeded\n"
+      "weights; trained at T = %ld, lengths %ld ... %ld, eps = %g.\n",
       static_cast<long>(s.heads), static_cast<long>(s.dim), static_cast<long>(s.train),
       static_cast<long>(s.lengths.front()), static_cast<long>(s.lengths.back()), s.eps);
   std::printf(
-      "R(s_hat): attention resolution (XPos Eq. 3) of the sub-diagonal means of the last %ld\n"
-      "  query rows; ERF: tokens holding 1 - eps of each row's attention; entropy in nats; mean\n"
-      "  dist: sum_j p_ij |i - j|; mass>=%ld: attention beyond the training length; drift: mean\n"
-      "  |o_full - o_window| / |o_window| with o_window seeing only the last %ld keys (causal\n"
-      "  outputs on the first %ld positions never change, so this is what growth can move).\n",
-      static_cast<long>(s.probe_rows), static_cast<long>(s.train), static_cast<long>(s.train),
-      static_cast<long>(s.train));
+      "Columns (means over heads; the last %ld query rows unless said otherwise):\n"
+      "  R(s_hat)  attention resolution (XPos Eq. 3) of the sub-diagonal score means\n"
+      "  TRF@L     theoretical receptive field of the query at L - 1 (keys 0 ... L - 1): the\n"
+      "            nearest K keys carrying 1 - eps of sum_t exp(b_t); '-' where the encoder is "
+      "not\n"
+      "            an additive bias (the limit TRF above each table says why)\n"
+      "  ERF       keys holding 1 - eps of each row's attention (nearest first)\n"
+      "  entropy   -sum_j p_ij ln p_ij (nats); mean dist: sum_j p_ij |i - j|\n"
+      "  mass>=T   attention at distance >= T = %ld, never seen in training\n"
+      "  drift win mean |o_full - o_win| / |o_win|, o_win seeing only the last T keys\n"
+      "  drift 0:T the same for the first T queries at length L vs at length T: zero for a\n"
+      "            causal model unless the encoding looks at keys after the query\n"
+      "Learned absolute positions (LearnedAbsoluteEncoding) are not run: a table trained at T\n"
+      "has no rows for positions >= T, so it cannot be evaluated beyond the training length.\n",
+      static_cast<long>(s.probe_rows), static_cast<long>(s.train));
 
-  const Inputs inputs = make_inputs(s);
+  const Inputs plain = make_inputs(s);
+  const Inputs absolute = with_sinusoidal(plain, s);
   std::vector<std::string> names;
-  std::apply([&](const auto&... entry) { (report(entry, inputs, s, names), ...); },
-             encoders(s.heads));
+  std::apply([&](const auto&... entry) { (report(entry, plain, absolute, s, names), ...); },
+             encoders(s));
 
-  std::printf("\nCSV (per head; means over heads in *_mean.csv):\n");
+  std::printf("\nCSV (per head in <name>.csv, means over heads in <name>_mean.csv):\n");
   for (const auto& name : names) std::printf("  %s\n", (s.out / (name + ".csv")).string().c_str());
   if (!s.plots) return 0;
   if (!have_gnuplot()) {
@@ -317,7 +518,14 @@ int main(int argc, char** argv) {
     std::printf("\ngnuplot failed on %s: no PNG written.\n", (s.out / "plots.gp").string().c_str());
     return s.require_plots ? 1 : 0;
   }
-  std::printf("\nPNG:\n");
+  std::printf("\nPNG (gnuplot script: %s):\n", (s.out / "plots.gp").string().c_str());
   for (const auto& png : pngs) std::printf("  %s\n", png.string().c_str());
+  if (s.docs_png) {
+    std::filesystem::create_directories(std::filesystem::absolute(*s.docs_png).parent_path());
+    std::filesystem::copy_file(pngs.front(), *s.docs_png,
+                               std::filesystem::copy_options::overwrite_existing);
+    std::printf("  %s (copy of curves_vs_length.png)\n",
+                std::filesystem::absolute(*s.docs_png).lexically_normal().string().c_str());
+  }
   return 0;
 }

@@ -18,6 +18,7 @@
 #include "posenc/compose.hpp"
 #include "posenc/encoders/alibi.hpp"
 #include "posenc/encoders/conv_spe.hpp"
+#include "posenc/encoders/dape.hpp"
 #include "posenc/encoders/fire.hpp"
 #include "posenc/encoders/kerple.hpp"
 #include "posenc/encoders/rope.hpp"
@@ -601,6 +602,15 @@ TEST(EncoderReceptiveField, NonAdditiveEncodersSaySo) {
   check(theoretical_receptive_field(rope_alibi, 0, 0.1), convergence(rope_alibi, 0), "RoPE + ALiBi",
         "composed.second()");
   check(theoretical_receptive_field_at(xpos, 0, 0.1, 100), convergence(xpos, 0), "XPos at", "q");
+  // DAPE mixes logits and biases: no series, though its base bias has one.
+  const auto kerple = Kerple<double>::random(KerpleKernel::log, 2, rng);
+  const auto dape = Dape<double, Kerple<double>>::random(kerple, 8, rng);
+  const auto dape2 = DapeV2<double, Kerple<double>>::random(kerple, 8, 3, rng);
+  check(theoretical_receptive_field(dape, 1, 0.1), convergence(dape, 1), "DAPE", "(DAPE)");
+  check(theoretical_receptive_field_at(dape2, 0, 0.1, 50), convergence(dape2, 0), "DAPE V2",
+        "(DAPE)");
+  EXPECT_EQ(theoretical_receptive_field(dape.base_bias(), 1, 0.1).tokens,
+            theoretical_receptive_field(kerple, 1, 0.1).tokens);
   // The bias part of the composition on its own has a field.
   EXPECT_TRUE(theoretical_receptive_field(rope_alibi.second(), 0, 0.1).finite);
   POSENC_EXPECT_INVALID(theoretical_receptive_field(rope, 0, 1.5),
