@@ -11,9 +11,11 @@ set -euo pipefail
 # build/release/examples/extrapolation_report/ and prints their paths.
 DEMO_TARGET=posenc_example_extrapolation_report
 DEMO_ARGS=(--require-plots)
-# Debian 12 packages: toolchain, Eigen, GoogleTest, Google Benchmark, the JSON reader of the
+# Debian 12 packages: toolchain (GCC for the release preset; Clang with its sanitizer and OpenMP
+# runtimes for the asan preset), Eigen, GoogleTest, Google Benchmark, the JSON reader of the
 # tests, pkg-config (packaging test) and gnuplot (plots of the demo).
-PACKAGES="cmake g++ make libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev pkgconf gnuplot-nox"
+PACKAGES="cmake g++ make clang libclang-rt-14-dev libomp-14-dev libeigen3-dev libgtest-dev
+          libbenchmark-dev nlohmann-json3-dev pkgconf gnuplot-nox"
 
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)

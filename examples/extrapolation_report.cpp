@@ -59,6 +59,9 @@ struct Entry {
   Encoder encoder;
   bool absolute = false;  // inputs get sinusoidal p_i added to q and k; the kernel sees NoPE
 };
+// Spelled out for compilers without aggregate deduction (Clang < 17).
+template <class Encoder>
+Entry(std::string, std::string, Encoder, bool = false) -> Entry<Encoder>;
 
 std::mt19937_64 seeded(std::uint64_t seed) { return std::mt19937_64(seed); }
 

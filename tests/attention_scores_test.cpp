@@ -16,7 +16,7 @@ namespace {
 
 /// A test-local ScoreBias: b_h(i, j) = −slope_h·|i − j|.
 template <class T>
-struct LinearBias {
+struct SymmetricSlopeBias {
   using Scalar = T;
   std::vector<double> slopes;
   Index heads() const { return static_cast<Index>(slopes.size()); }
@@ -60,7 +60,7 @@ TYPED_TEST(AttentionScoresTest, SoftmaxIsAttentionWeights) {
   const Heads<T> q = test::random_heads<T>(H, N, D, rng);
   const Heads<T> k = test::random_heads<T>(2, M, D, rng);  // grouped-query: 2 kv heads
   const Heads<T> v = test::random_heads<T>(2, M, 3, rng);
-  const LinearBias<T> bias{{0.5, 0.25, 0.125, 0.0}};
+  const SymmetricSlopeBias<T> bias{{0.5, 0.25, 0.125, 0.0}};
   const std::vector<Index> qpos{30, 3, 9, 9, 15, 22, 0};
   for (const AttentionOptions& options :
        {AttentionOptions{}, AttentionOptions{.query_offset = M - N},

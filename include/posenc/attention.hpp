@@ -563,12 +563,16 @@ void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Inde
   }
   if (!state.absorb(scores)) return;
   const HeadsView<const Scalar>& v = p.v;
-  const Index ldv = padded_width<Scalar>(p.value_dim);
-  pack_rows(v.head(p.kv_head(h)).data() + key_first * v.row_stride(), v.row_stride(), scores.cols(),
-            p.value_dim, ws.values_p.data(), ldv);
-  tile_accumulate(scores.data(), scores.outerStride(), scores.rows(), scores.cols(),
-                  ws.values_p.data(), ldv, ldv, state.padded_output.data(),
-                  state.padded_output.outerStride());
+  const Scalar* values = v.head(p.kv_head(h)).data() + key_first * v.row_stride();
+  const Index width = padded_width<Scalar>(p.value_dim);
+  Index ldv = v.row_stride();
+  if (width != p.value_dim) {  // pad the value rows to whole packets; else read v in place
+    pack_rows(values, v.row_stride(), scores.cols(), p.value_dim, ws.values_p.data(), width);
+    values = ws.values_p.data();
+    ldv = width;
+  }
+  tile_accumulate(scores.data(), scores.outerStride(), scores.rows(), scores.cols(), values, ldv,
+                  width, state.padded_output.data(), state.padded_output.outerStride());
   if constexpr (RelativeKeyValue<Encoder>) {
     encoder.add_relative_values(h, qpos, kpos, scores, state.output);
   }

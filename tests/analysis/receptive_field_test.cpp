@@ -37,7 +37,7 @@ bool contains(const std::string& text, const std::string& fragment) {
 }
 
 /// A test-local ALiBi-shaped ScoreBias: b_h(i, j) = −slope_h·(i − j) for j ≤ i.
-struct LinearBias {
+struct SlopeBias {
   using Scalar = double;
   std::vector<double> slopes;
   Index heads() const { return static_cast<Index>(slopes.size()); }
@@ -50,7 +50,7 @@ struct LinearBias {
     }
   }
 };
-static_assert(ScoreBias<LinearBias>);
+static_assert(ScoreBias<SlopeBias>);
 
 ReceptiveField family_trf(const test::Json& c, double eps) {
   const std::string rpe = c.at("rpe").get<std::string>();
@@ -241,7 +241,7 @@ TEST(TheoreticalReceptiveField, ConvergenceReasons) {
 }
 
 TEST(TheoreticalReceptiveField, GenericScoreBiasOverload) {
-  const LinearBias bias{{0.5, 0.0625, 1.0 / 256}};
+  const SlopeBias bias{{0.5, 0.0625, 1.0 / 256}};
   for (Index h = 0; h < bias.heads(); ++h) {
     for (const double eps : {0.5, 0.1, 0.01}) {
       const ReceptiveField field = theoretical_receptive_field(bias, h, eps);
@@ -670,7 +670,7 @@ TEST(EmpiricalReceptiveField, GeometricWeightsGiveTheAlibiClosedForm) {
 
 TEST(EmpiricalReceptiveField, AttentionWeightsOfALinearBias) {
   // Zero queries: the logits are the bias alone, the weights of the last query are geometric.
-  const LinearBias bias{{0.5, 0.125, 0.0625}};
+  const SlopeBias bias{{0.5, 0.125, 0.0625}};
   const Index H = 3, N = 4, M = 1200, D = 4;
   Heads<double> q(H, N, D), k(H, M, D), v(H, M, D);
   k.flat().setRandom();

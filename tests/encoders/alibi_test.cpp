@@ -15,7 +15,9 @@
 namespace posenc {
 namespace {
 
+using test::iota;
 using test::Json;
+using test::tile_of;
 
 /// [H][N][M] bias matrices of alibi.json ("-inf" strings allowed) as one matrix per head.
 std::vector<Matrix<double>> heads_of(const Json& x) {
@@ -32,24 +34,6 @@ std::vector<Matrix<double>> heads_of(const Json& x) {
     out.push_back(m);
   }
   return out;
-}
-
-std::vector<Index> iota(Index count, Index first) {
-  std::vector<Index> p(static_cast<std::size_t>(count));
-  for (Index r = 0; r < count; ++r) p[static_cast<std::size_t>(r)] = first + r;
-  return p;
-}
-
-/// The bias tile of `head` for the given positions, filled by add_bias.
-template <class Encoder>
-Matrix<typename Encoder::Scalar> tile_of(const Encoder& e, Index head,
-                                         const std::vector<Index>& qpos,
-                                         const std::vector<Index>& kpos) {
-  using T = typename Encoder::Scalar;
-  Matrix<T> tile =
-      Matrix<T>::Zero(static_cast<Index>(qpos.size()), static_cast<Index>(kpos.size()));
-  e.add_bias(head, qpos, kpos, tile);
-  return tile;
 }
 
 TEST(AlibiSlopes, MatchTheAuthorsCodeBitForBit) {

@@ -18,6 +18,18 @@
 
 namespace posenc::test {
 
+/// The bias tile of `head` for the given positions, filled by the encoder's add_bias.
+template <class Encoder>
+Matrix<typename Encoder::Scalar> tile_of(const Encoder& e, Index head,
+                                         const std::vector<Index>& qpos,
+                                         const std::vector<Index>& kpos) {
+  using T = typename Encoder::Scalar;
+  Matrix<T> tile =
+      Matrix<T>::Zero(static_cast<Index>(qpos.size()), static_cast<Index>(kpos.size()));
+  e.add_bias(head, qpos, kpos, tile);
+  return tile;
+}
+
 /// The masks every encoder is checked under.
 inline std::vector<std::pair<std::string, Mask>> all_masks() {
   return {{"none", Mask::none()},

@@ -21,18 +21,13 @@
 namespace posenc {
 namespace {
 
+using test::iota;
 using test::Json;
 
 static_assert(ScoreMixer<Dape<float, Alibi<float>>>);
 static_assert(ScoreMixer<DapeV2<double, Kerple<double>>>);
 static_assert(!ScoreBias<Dape<float, Alibi<float>>> && !ScoreBias<DapeV2<float, Fire<float>>>,
               "B would be added twice");
-
-std::vector<Index> iota(Index count, Index first = 0) {
-  std::vector<Index> p(static_cast<std::size_t>(count));
-  for (Index r = 0; r < count; ++r) p[static_cast<std::size_t>(r)] = first + r;
-  return p;
-}
 
 /// A JSON array of any depth, flattened row-major into a [size, rest] matrix: a Linear weight
 /// [out][in] as it is, a Conv2d weight [out][in][1][k] as [out, in·k].

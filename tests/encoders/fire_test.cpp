@@ -15,22 +15,9 @@
 namespace posenc {
 namespace {
 
+using test::iota;
 using test::Json;
-
-std::vector<Index> iota(Index count, Index first) {
-  std::vector<Index> p(static_cast<std::size_t>(count));
-  for (Index r = 0; r < count; ++r) p[static_cast<std::size_t>(r)] = first + r;
-  return p;
-}
-
-template <class T>
-Matrix<T> tile_of(const Fire<T>& e, Index head, const std::vector<Index>& qpos,
-                  const std::vector<Index>& kpos) {
-  Matrix<T> tile =
-      Matrix<T>::Zero(static_cast<Index>(qpos.size()), static_cast<Index>(kpos.size()));
-  e.add_bias(head, qpos, kpos, tile);
-  return tile;
-}
+using test::tile_of;
 
 template <class T>
 Fire<T> fire_from(const Json& mlp, const FireOptions& options) {

@@ -15,27 +15,14 @@
 namespace posenc {
 namespace {
 
+using test::iota;
 using test::Json;
-
-std::vector<Index> iota(Index count, Index first) {
-  std::vector<Index> p(static_cast<std::size_t>(count));
-  for (Index r = 0; r < count; ++r) p[static_cast<std::size_t>(r)] = first + r;
-  return p;
-}
-
-template <class T>
-Matrix<T> tile_of(const Kerple<T>& e, Index head, const std::vector<Index>& qpos,
-                  const std::vector<Index>& kpos) {
-  Matrix<T> tile =
-      Matrix<T>::Zero(static_cast<Index>(qpos.size()), static_cast<Index>(kpos.size()));
-  e.add_bias(head, qpos, kpos, tile);
-  return tile;
-}
+using test::tile_of;
 
 /// Golden tolerance: kerple.json's values are float64 (ref_baselines.py checks 1e-12); float
 /// tiles are the double values rounded once (|bias| < 4, so 4 ulp of float covers it).
 template <class T>
-double golden_tolerance() {
+double kerple_golden_tolerance() {
   return std::is_same_v<T, double> ? 1e-12 : 4.0 * std::numeric_limits<float>::epsilon();
 }
 
@@ -60,7 +47,7 @@ TYPED_TEST(KerpleTest, MatchesTheAuthorsModules) {
   const Heads<double> log_decode = test::to_heads(out["log_bias_decode_step(query=L-1)"]);
   const Heads<double> power_bias = test::to_heads(out["power_bias"]);
   const Heads<double> original_bias = test::to_heads(out["power_original_bias"]);
-  const double tol = golden_tolerance<T>();
+  const double tol = kerple_golden_tolerance<T>();
   for (Index h = 0; h < 3; ++h) {
     const auto log_tile = tile_of(log_kernel, h, iota(6, 0), iota(6, 0));
     ASSERT_TRUE(log_tile.allFinite());

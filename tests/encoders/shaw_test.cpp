@@ -26,7 +26,7 @@ Heads<T> first_batch(const Json& x) {
 /// Golden tolerance: shaw.json is float64 (ref_baselines.py checks 1e-12); in float the inputs
 /// are rounded (|values| < 1, D = 4), so outputs agree to a few float ulp.
 template <class T>
-double golden_tolerance() {
+double shaw_golden_tolerance() {
   return std::is_same_v<T, double> ? 1e-12 : 1e-6;
 }
 
@@ -69,7 +69,7 @@ TYPED_TEST(ShawTest, MatchesTensor2TensorAttention) {
   const Heads<double> logits = first_batch<double>(out["logits[b][h][i][j]"]);
   const Heads<double> weights = first_batch<double>(out["weights[b][h][i][j]"]);
   const Heads<double> output = first_batch<double>(out["output[b][h][i][d]"]);
-  const double tol = golden_tolerance<T>();
+  const double tol = shaw_golden_tolerance<T>();
   // t2t pre-scales q by depth^(−1/2): the kernel's default scale 1/sqrt(4).
   const AttentionOptions options{.mask = Mask::none()};
   const std::vector<Index> positions = {0, 1, 2, 3, 4};

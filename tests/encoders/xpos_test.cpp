@@ -109,8 +109,8 @@ struct Layer {
 
 /// Token-by-token decoding through a KvCache (optionally after a prefix prefill).
 template <class Encoder>
-Heads<double> decode(const Encoder& encoder, const Heads<double>& q, const Heads<double>& k,
-                     const Heads<double>& v, Index prefix, Mask mask = Mask::causal()) {
+Heads<double> decode_steps(const Encoder& encoder, const Heads<double>& q, const Heads<double>& k,
+                           const Heads<double>& v, Index prefix, Mask mask = Mask::causal()) {
   KvCache cache(encoder, k.heads(), k.dim(), {.mask = mask});
   Heads<double> out(q.heads(), q.rows(), v.dim());
   Index t = 0;
@@ -190,11 +190,13 @@ TEST(XPosGolden, TorchscaleMultiheadAttentionAndIncrementalDecoding) {
           test::to_matrix(out.at("incremental_one_token_steps_out").at(b));
       const Matrix<double> want_prefix = test::to_matrix(out.at("prefix4_then_steps_out").at(b));
       for (const XPosEncoding<double>& encoder : {xpos, fixed}) {
-        EXPECT_LE((layer.output(decode(encoder, q, k, v, 0)) - want_steps).cwiseAbs().maxCoeff(),
-                  kGoldenTolerance)
+        EXPECT_LE(
+            (layer.output(decode_steps(encoder, q, k, v, 0)) - want_steps).cwiseAbs().maxCoeff(),
+            kGoldenTolerance)
             << what;
-        EXPECT_LE((layer.output(decode(encoder, q, k, v, 4)) - want_prefix).cwiseAbs().maxCoeff(),
-                  kGoldenTolerance)
+        EXPECT_LE(
+            (layer.output(decode_steps(encoder, q, k, v, 4)) - want_prefix).cwiseAbs().maxCoeff(),
+            kGoldenTolerance)
             << what;
       }
     }
@@ -245,7 +247,7 @@ TEST(BlockwiseCausalGolden, MaskParallelBcaAndDecodingWindow) {
     // of w + 1, evicting as it goes.
     const Matrix<double> want_window = test::to_matrix(out.at("attn_out_incremental_window").at(0));
     for (const XPosEncoding<double>& encoder : {xpos, xpos.with_centring(XPosCentring::fixed(3))}) {
-      const auto decoded = decode(encoder, q, k, v, 0, blockwise_causal_decoding_window(w));
+      const auto decoded = decode_steps(encoder, q, k, v, 0, blockwise_causal_decoding_window(w));
       EXPECT_LE((layer.output(decoded) - want_window).cwiseAbs().maxCoeff(), kGoldenTolerance)
           << what;
     }

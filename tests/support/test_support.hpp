@@ -12,6 +12,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "posenc/tensor.hpp"
 
@@ -33,6 +34,13 @@ template <>
 struct Tolerance<double> {
   static constexpr double kernel = 1e-12;
 };
+
+/// Positions first, first + 1, …, first + count − 1.
+inline std::vector<Index> iota(Index count, Index first = 0) {
+  std::vector<Index> positions(static_cast<std::size_t>(count));
+  for (Index r = 0; r < count; ++r) positions[static_cast<std::size_t>(r)] = first + r;
+  return positions;
+}
 
 /// Seed of a randomised test: POSENC_TEST_SEED if set, else a fixed default. Printed once so a
 /// failure can be replayed.

@@ -50,13 +50,42 @@ inline void store_lanes(Scalar* to, const Packet& from, Index count) {
 }
 
 /// keys_t (depth × padded cols, row stride `ld`) = keysᵀ, zero in the padding columns.
-/// keys: cols × depth, row stride `keys_stride`.
+/// keys: cols × depth, row stride `keys_stride`. Whole W × W blocks are transposed in registers
+/// (Eigen's ptranspose on a PacketBlock); the edges element by element.
 template <class Scalar>
 void pack_transposed(const Scalar* keys, Index keys_stride, Index cols, Index depth, Scalar* keys_t,
                      Index ld) {
+  using Packet = typename TileKernelTraits<Scalar>::Packet;
+  constexpr Index W = TileKernelTraits<Scalar>::width;
+  const Index full_cols = cols / W * W;
+  const Index full_depth = depth / W * W;
+  if constexpr (W > 1) {
+// GCC warns that the vector type's alignment attribute is dropped in the template argument;
+// Eigen's own PacketBlock uses carry the same (harmless) warning, silenced in its system header.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+    Eigen::internal::PacketBlock<Packet, W> block;
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+    for (Index c0 = 0; c0 < full_cols; c0 += W) {
+      for (Index d0 = 0; d0 < full_depth; d0 += W) {
+        for (Index i = 0; i < W; ++i) {
+          block.packet[i] = Eigen::internal::ploadu<Packet>(keys + (c0 + i) * keys_stride + d0);
+        }
+        Eigen::internal::ptranspose(block);
+        for (Index i = 0; i < W; ++i) {
+          Eigen::internal::pstoreu(keys_t + (d0 + i) * ld + c0, block.packet[i]);
+        }
+      }
+    }
+  }
   for (Index d = 0; d < depth; ++d) {
     Scalar* row = keys_t + d * ld;
-    for (Index c = 0; c < cols; ++c) row[c] = keys[c * keys_stride + d];
+    const Index first_col = d < full_depth ? full_cols : 0;  // blocks covered the rest
+    for (Index c = first_col; c < cols; ++c) row[c] = keys[c * keys_stride + d];
     std::fill(row + cols, row + ld, Scalar(0));
   }
 }
