@@ -17,8 +17,8 @@
 #include <Eigen/QR>
 
 #include "posenc/detail/check.hpp"
-#include "posenc/detail/gaussian.hpp"
 #include "posenc/detail/parallel.hpp"
+#include "posenc/detail/random.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
-// Reproducible standard-normal numbers for the random parts of posenc (stochastic positional
-// encoding draws, Performer projections): a sequential source over std::mt19937_64 and a
-// counter-based one that gives the number at any index without generating the ones before it.
+// Counter-based standard-normal numbers for long random sequences (stochastic positional encoding
+// draws generated on demand): the number at any index without generating the ones before it.
+// The sequential sources live in detail/random.hpp.
 #pragma once
 
 #include <cmath>
@@ -11,46 +11,9 @@
 
 #include <Eigen/Core>
 
+#include "posenc/detail/random.hpp"
+
 namespace posenc::detail {
-
-/// 53-bit uniform in (0, 1] (never 0, so that log() is finite).
-inline double uniform_open_closed(std::uint64_t bits) {
-  return static_cast<double>((bits >> 11) + 1) * 0x1.0p-53;
-}
-
-/// Standard normal numbers from std::mt19937_64 by the Box-Muller transform (both outputs of each
-/// pair used). The sequence is the same on every platform, unlike std::normal_distribution whose
-/// algorithm is implementation-defined. It is not PyTorch's generator: to reproduce a torch run,
-/// pass its recorded draws explicitly.
-class GaussianSource {
- public:
-  explicit GaussianSource(std::uint64_t seed) : engine_(seed) {}
-
-  double operator()() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
-    }
-    const double radius = std::sqrt(-2.0 * std::log(uniform_open_closed(engine_())));
-    const double angle = 2.0 * std::numbers::pi * uniform_open_closed(engine_());
-    spare_ = radius * std::sin(angle);
-    has_spare_ = true;
-    return radius * std::cos(angle);
-  }
-
- private:
-  std::mt19937_64 engine_;
-  double spare_ = 0.0;
-  bool has_spare_ = false;
-};
-
-/// SplitMix64's finaliser: a bijective 64-bit mix (Steele, Lea & Flood 2014).
-inline std::uint64_t mix64(std::uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
 
 /// Counter-based standard normals: element `index` of stream `stream` under `seed`, computed
 /// directly (hash of the counters, then Box-Muller; indices 2p and 2p+1 share pair p). Lets a

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: MIT
-// What sineSPE and convSPE share: argument checks, filtering whole [H, N, D] tensors to
-// [H, N, R], and the closed-form expectation E[q̂_m·k̂_n] from a per-feature lag kernel.
+// What sineSPE and convSPE share: argument checks, the QueryKeyTransform stage over a tile filter,
+// filtering whole [H, N, D] tensors to [H, N, R], and the closed-form expectation E[q̂_m·k̂_n]
+// from a per-feature lag kernel.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "posenc/detail/check.hpp"
@@ -80,6 +82,63 @@ Heads<typename Spe::Scalar> filter_heads(const char* fn, const Spe& spe, const X
       });
   return out;
 }
+
+/// The stage interface of an SPE encoder, written once over the encoder's tile filter
+/// `filter(head, positions, in [rows, D], out [rows, R], query)` (a private member; the encoder
+/// befriends this base) and its `heads()`, `dim()`, `realizations()` and `kName`.
+template <class Spe, class Real>
+class SpeStages {
+ public:
+  /// The width of q̂ and k̂: R, whatever D.
+  Index transformed_dim(Index /*dim*/) const { return self().realizations(); }
+
+  /// Rejects head counts and widths other than the codes' (called by the kernels).
+  void validate(const AttentionShape& shape) const {
+    check_spe_shape(Spe::kName, shape, self().heads(), self().dim());
+  }
+
+  /// out [rows, R] = in [rows, D] filtered by the query codes at `positions` (centre unused).
+  void transform_queries(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
+                         TileRef<Real> out) const {
+    self().filter(head, positions, in, out, true);
+  }
+  /// out [rows, R] = in [rows, D] filtered by the key codes at `positions` (centre unused).
+  void transform_keys(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
+                      TileRef<Real> out) const {
+    self().filter(head, positions, in, out, false);
+  }
+
+  /// q̂ for a whole tensor q [H, N, D] (row i at first_position + i) → [H, N, R].
+  template <HeadsLike X>
+  Heads<Real> filter_queries(const X& q, Index first_position = 0, int threads = 0) const {
+    return filter_heads((std::string(Spe::kName) + "::filter_queries").c_str(), self(), q,
+                        first_position, true, threads);
+  }
+  /// k̂ for a whole tensor k [H, M, D] (row j at first_position + j) → [H, M, R].
+  template <HeadsLike X>
+  Heads<Real> filter_keys(const X& k, Index first_position = 0, int threads = 0) const {
+    return filter_heads((std::string(Spe::kName) + "::filter_keys").c_str(), self(), k,
+                        first_position, false, threads);
+  }
+
+  /// The query code Q̄[position, head] as [D, R] (gated when a gate is set), for inspection: row
+  /// d is the filtered unit vector e_d.
+  Matrix<Real> query_code(Index head, Index position) const { return code(head, position, true); }
+  /// The key code K̄[position, head] as [D, R].
+  Matrix<Real> key_code(Index head, Index position) const { return code(head, position, false); }
+
+ private:
+  const Spe& self() const { return static_cast<const Spe&>(*this); }
+
+  Matrix<Real> code(Index head, Index position, bool query) const {
+    const Index dim = self().dim();
+    const std::vector<Index> positions(static_cast<std::size_t>(dim), position);
+    const Matrix<Real> identity = Matrix<Real>::Identity(dim, dim);
+    Matrix<Real> result(dim, self().realizations());
+    self().filter(head, positions, identity, result, query);
+    return result;
+  }
+};
 
 /// E[q̂_m·k̂_n] = sqrt(R/D)·Σ_d q_md·k_nd·(a_hd·P̃_hd(m − n) + b_hd) for queries at
 /// query_offset + i and keys at j, with P̃ the encoder's `lag_kernel` and (a, b) = (1, 0)

@@ -141,15 +141,21 @@ void tile_logits(const Scalar* queries, Index ldq, Index rows, Index depth, cons
       } else {
         for (Index d = 0; d < depth; ++d) {
           const Scalar* k = keys_t + d * ldk + c0;
-          for (Index j = 0; j < packets; ++j) {
+          for (int j = 0; j < NP; ++j) {
+            if (j >= packets) break;
             const Packet kp = ploadu<Packet>(k + j * W);
             for (int i = 0; i < MR; ++i) acc[i][j] = pmadd(pset1<Packet>(q[i][d]), kp, acc[i][j]);
           }
         }
       }
-      for (Index i = 0; i < active_rows; ++i) {
+      // Constant trip counts with early exits (not runtime bounds): the loops unroll, every
+      // acc[i][j] index is a constant and the accumulators stay in registers. A runtime index
+      // would make GCC keep acc in memory and store all of it on every step of the depth loop.
+      for (int i = 0; i < MR; ++i) {
+        if (i >= active_rows) break;
         Scalar* out = logits + (r0 + i) * ldl + c0;
-        for (Index j = 0; j < packets; ++j) {
+        for (int j = 0; j < NP; ++j) {
+          if (j >= packets) break;
           const Index lanes = full_stores ? W : std::min<Index>(W, cols - c0 - j * W);
           if (lanes > 0) store_lanes(out + j * W, acc[i][j], lanes);
         }
@@ -185,7 +191,8 @@ void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols
         for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(pi, vp[j], acc[i][j]);
       }
     }
-    for (Index i = 0; i < active_rows; ++i) {
+    for (int i = 0; i < MR; ++i) {  // constant trip count: acc stays in registers (see above)
+      if (i >= active_rows) break;
       Scalar* o = output + (r0 + i) * ldo + col;
       for (int j = 0; j < NP; ++j) pstoreu(o + j * W, acc[i][j]);
     }

@@ -141,9 +141,13 @@ class ConvSpeDraw {
 /// [L, H, D, R]. Roles follow the PyTorch code (see ConvSpeParameters::from_torch). Softmax
 /// attention: keep the default scale 1/sqrt(R). Matches spe_conv.json (codes, q̂/k̂ gated and
 /// not, logits, both attention outputs). Example: examples/spe_linear_attention.cpp.
+/// The stage members (transform_queries/keys, filter_queries/keys, query_code/key_code,
+/// validate) come from detail::SpeStages over the private tile filter.
 template <class Real>
-class ConvSpe {
+class ConvSpe : public detail::SpeStages<ConvSpe<Real>, Real> {
  public:
+  static constexpr const char* kName = "posenc::ConvSpe";
+
   using Scalar = Real;
 
   ConvSpe(ConvSpeParameters<Real> parameters, ConvSpeDraw<Real> draw,
@@ -214,36 +218,6 @@ class ConvSpe {
   const ConvSpeDraw<Real>& draw() const { return draw_; }
   const SpeGate<Real>* gate() const { return gate_ ? &*gate_ : nullptr; }
 
-  Index transformed_dim(Index /*dim*/) const { return realizations_; }
-
-  void validate(const AttentionShape& shape) const {
-    detail::check_spe_shape("posenc::ConvSpe", shape, heads_, dim_);
-  }
-
-  void transform_queries(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
-                         TileRef<Real> out) const {
-    filter(head, positions, in, out, true);
-  }
-  void transform_keys(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
-                      TileRef<Real> out) const {
-    filter(head, positions, in, out, false);
-  }
-
-  template <HeadsLike X>
-  Heads<Real> filter_queries(const X& q, Index first_position = 0, int threads = 0) const {
-    return detail::filter_heads("posenc::ConvSpe::filter_queries", *this, q, first_position, true,
-                                threads);
-  }
-  template <HeadsLike X>
-  Heads<Real> filter_keys(const X& k, Index first_position = 0, int threads = 0) const {
-    return detail::filter_heads("posenc::ConvSpe::filter_keys", *this, k, first_position, false,
-                                threads);
-  }
-
-  /// Q̄[position, head] as [D, R] (gated when a gate is set).
-  Matrix<Real> query_code(Index head, Index position) const { return code(head, position, true); }
-  Matrix<Real> key_code(Index head, Index position) const { return code(head, position, false); }
-
   /// P̃_d(lag) = Σ_j w^Q_d[j]·w^K_d[j + lag] for d = 0 … D−1 (ungated; zero for |lag| >= ks).
   Vector<double> lag_kernel(Index head, Index lag) const {
     detail::require(head >= 0 && head < heads_, "posenc::ConvSpe::lag_kernel", "head ", head,
@@ -258,6 +232,8 @@ class ConvSpe {
   }
 
  private:
+  friend class detail::SpeStages<ConvSpe<Real>, Real>;
+
   void filter(Index head, Positions positions, ConstTileRef<Real> in, TileRef<Real> out,
               bool query) const {
     const char* fn =
@@ -304,14 +280,6 @@ class ConvSpe {
       if (gate_) result.noalias() += in * gate_->noise_code(head);
     }
     out = result;
-  }
-
-  Matrix<Real> code(Index head, Index position, bool query) const {
-    const std::vector<Index> positions(static_cast<std::size_t>(dim_), position);
-    const Matrix<Real> identity = Matrix<Real>::Identity(dim_, dim_);
-    Matrix<Real> result(dim_, realizations_);
-    filter(head, positions, identity, result, query);
-    return result;
   }
 
   ConvSpeParameters<Real> parameters_;

@@ -8,13 +8,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <numbers>
-#include <random>
 #include <span>
 #include <utility>
 #include <vector>
 
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/random.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
 
@@ -53,20 +52,12 @@ inline std::vector<Index> padding_aware_positions(std::span<const Index> tokens,
 
 namespace detail::learned_absolute {
 
-/// Fills m with N(0, stddev^2) draws: mt19937_64 (fully specified by the standard) and
-/// Box-Muller written out, so a seed gives the same table with every standard library.
+/// Fills m with N(0, stddev^2) draws from `seed` (detail::GaussianSource: the same table with
+/// every standard library).
 template <class Scalar>
 void fill_normal(Matrix<Scalar>& m, double stddev, std::uint64_t seed) {
-  std::mt19937_64 engine(seed);
-  const auto uniform_open = [&engine] {  // in (0, 1)
-    return (static_cast<double>(engine() >> 11) + 0.5) * 0x1.0p-53;
-  };
-  for (Index i = 0; i < m.size(); i += 2) {
-    const double radius = stddev * std::sqrt(-2.0 * std::log(uniform_open()));
-    const double theta = 2.0 * std::numbers::pi * uniform_open();
-    m.data()[i] = static_cast<Scalar>(radius * std::cos(theta));
-    if (i + 1 < m.size()) m.data()[i + 1] = static_cast<Scalar>(radius * std::sin(theta));
-  }
+  GaussianSource normal(seed);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(stddev * normal());
 }
 
 }  // namespace detail::learned_absolute

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "posenc/detail/check.hpp"
-#include "posenc/detail/gaussian.hpp"
+#include "posenc/detail/random.hpp"
 #include "posenc/detail/spe_common.hpp"
 #include "posenc/encoders/spe_gate.hpp"
 #include "posenc/encoding.hpp"
@@ -101,9 +101,13 @@ struct SineSpeDraw {
 /// reference's Performer uses): the scaled logit then has expectation
 /// (1/sqrt(D))·Σ_d q_md k_nd P̃_d(m − n). Matches spe_sine.json (codes, q̂/k̂ gated and not, logits,
 /// both attention outputs). Example: examples/spe_linear_attention.cpp.
+/// The stage members (transform_queries/keys, filter_queries/keys, query_code/key_code,
+/// validate) come from detail::SpeStages over the private tile filter.
 template <class Real>
-class SineSpe {
+class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
  public:
+  static constexpr const char* kName = "posenc::SineSpe";
+
   using Scalar = Real;
 
   SineSpe(SineSpeParameters<Real> parameters, const SineSpeDraw<Real>& draw,
@@ -192,43 +196,6 @@ class SineSpe {
   /// The gate, or nullptr when ungated.
   const SpeGate<Real>* gate() const { return gate_ ? &*gate_ : nullptr; }
 
-  /// The width of q̂ and k̂: R, whatever D.
-  Index transformed_dim(Index /*dim*/) const { return realizations_; }
-
-  /// Rejects head counts and widths other than the codes' (called by the kernels).
-  void validate(const AttentionShape& shape) const {
-    detail::check_spe_shape("posenc::SineSpe", shape, heads_, dim_);
-  }
-
-  /// out [rows, R] = in [rows, D] filtered by the query codes at `positions` (centre unused).
-  void transform_queries(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
-                         TileRef<Real> out) const {
-    filter(head, positions, in, out, true);
-  }
-  /// out [rows, R] = in [rows, D] filtered by the key codes at `positions` (centre unused).
-  void transform_keys(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
-                      TileRef<Real> out) const {
-    filter(head, positions, in, out, false);
-  }
-
-  /// q̂ for a whole tensor q [H, N, D] (row i at first_position + i) → [H, N, R].
-  template <HeadsLike X>
-  Heads<Real> filter_queries(const X& q, Index first_position = 0, int threads = 0) const {
-    return detail::filter_heads("posenc::SineSpe::filter_queries", *this, q, first_position, true,
-                                threads);
-  }
-  /// k̂ for a whole tensor k [H, M, D] (row j at first_position + j) → [H, M, R].
-  template <HeadsLike X>
-  Heads<Real> filter_keys(const X& k, Index first_position = 0, int threads = 0) const {
-    return detail::filter_heads("posenc::SineSpe::filter_keys", *this, k, first_position, false,
-                                threads);
-  }
-
-  /// The query code Q̄[position, head] as [D, R] (gated when a gate is set), for inspection.
-  Matrix<Real> query_code(Index head, Index position) const { return code(head, position, true); }
-  /// The key code K̄[position, head] as [D, R].
-  Matrix<Real> key_code(Index head, Index position) const { return code(head, position, false); }
-
   /// P̃_d(lag) = (1/2K) Σ_k λ²_dk cos(2π f_dk·lag + θ_dk) for d = 0 … D−1 (ungated), so that
   /// E[Q̄_m·K̄_n] per feature is sqrt(R/D)·P̃_d(m − n). The reference's get_posattn_matrix is
   /// 2K·P̃ (no 1/(2K), no sqrt(R/D)).
@@ -246,6 +213,8 @@ class SineSpe {
   }
 
  private:
+  friend class detail::SpeStages<SineSpe<Real>, Real>;
+
   /// 2π·f·position (+ θ for queries), in double.
   double phase(Index head, Index dk, Index position, bool query) const {
     const double angle =
@@ -300,15 +269,6 @@ class SineSpe {
     Matrix<Real> x;
     features(head, positions, in, query, x);
     out.noalias() = x * weights_[static_cast<std::size_t>(head)];
-  }
-
-  /// Row d of the code is the filtered unit vector e_d.
-  Matrix<Real> code(Index head, Index position, bool query) const {
-    const std::vector<Index> positions(static_cast<std::size_t>(dim_), position);
-    const Matrix<Real> identity = Matrix<Real>::Identity(dim_, dim_);
-    Matrix<Real> result(dim_, realizations_);
-    filter(head, positions, identity, result, query);
-    return result;
   }
 
   SineSpeParameters<Real> parameters_;

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "posenc/detail/check.hpp"
-#include "posenc/detail/gaussian.hpp"
+#include "posenc/detail/random.hpp"
 #include "posenc/tensor.hpp"
 
 namespace posenc {
