@@ -821,16 +821,6 @@ void reference_output(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   }
 }
 
-template <class Q, class K, class V>
-constexpr void check_scalars() {
-  static_assert(std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<K>> &&
-                    std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<V>>,
-                "posenc::attention: q, k and v must have the same scalar type");
-  static_assert(
-      std::is_same_v<heads_scalar_t<Q>, float> || std::is_same_v<heads_scalar_t<Q>, double>,
-      "posenc::attention: the scalar type must be float or double");
-}
-
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
@@ -844,7 +834,7 @@ template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder>
 void attention(const Q& q, const K& k, const V& v, const Encoder& encoder,
                HeadsView<heads_scalar_t<Q>> out, const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_scalars<Q, K, V>();
+  detail::check_qkv_scalars<Q, K, V>();
   constexpr const char* fn = "posenc::attention";
   const auto p =
       detail::make_problem<Scalar>(fn, detail::as_const_view(q), detail::as_const_view(k),
@@ -878,7 +868,7 @@ AttentionPartial<heads_scalar_t<Q>> attention_partial(const Q& q, const K& k, co
                                                       const Encoder& encoder = {},
                                                       const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_scalars<Q, K, V>();
+  detail::check_qkv_scalars<Q, K, V>();
   const auto p = detail::make_problem<Scalar>("posenc::attention_partial", detail::as_const_view(q),
                                               detail::as_const_view(k), detail::as_const_view(v),
                                               encoder, options);
@@ -898,7 +888,7 @@ Heads<heads_scalar_t<Q>> attention_reference(const Q& q, const K& k, const V& v,
                                              const Encoder& encoder = {},
                                              const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_scalars<Q, K, V>();
+  detail::check_qkv_scalars<Q, K, V>();
   const auto p = detail::make_problem<Scalar>("posenc::attention_reference",
                                               detail::as_const_view(q), detail::as_const_view(k),
                                               detail::as_const_view(v), encoder, options);
@@ -920,7 +910,7 @@ Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
                                            const Encoder& encoder = {},
                                            const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_scalars<Q, K, V>();
+  detail::check_qkv_scalars<Q, K, V>();
   const auto p = detail::make_problem<Scalar>("posenc::attention_weights", detail::as_const_view(q),
                                               detail::as_const_view(k), detail::as_const_view(v),
                                               encoder, options);
@@ -942,7 +932,7 @@ template <HeadsLike Q, HeadsLike K, AttentionEncoder Encoder = NoPositionalEncod
 Heads<heads_scalar_t<Q>> attention_scores(const Q& q, const K& k, const Encoder& encoder = {},
                                           const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_scalars<Q, K, K>();
+  detail::check_qkv_scalars<Q, K, K>();
   const auto kv = detail::as_const_view(k);
   const auto p = detail::make_problem<Scalar>("posenc::attention_scores", detail::as_const_view(q),
                                               kv, kv, encoder, options);

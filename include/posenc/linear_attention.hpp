@@ -501,16 +501,6 @@ void causal_head(const Map& map, const Encoder& encoder, const LinearShape& shap
   }
 }
 
-template <class Q, class K, class V>
-constexpr void check_linear_scalars() {
-  static_assert(std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<K>> &&
-                    std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<V>>,
-                "posenc::linear_attention: q, k and v must have the same scalar type");
-  static_assert(
-      std::is_same_v<heads_scalar_t<Q>, float> || std::is_same_v<heads_scalar_t<Q>, double>,
-      "posenc::linear_attention: the scalar type must be float or double");
-}
-
 }  // namespace detail
 
 /// Causal linear attention that continues across calls: prefill with `append`, then `step` one
@@ -549,7 +539,7 @@ class LinearAttentionState {
   /// their outputs [H, N, Dv]. `threads`: over heads; 0 = OpenMP's default.
   template <HeadsLike Q, HeadsLike K, HeadsLike V>
   Heads<Scalar> append(const Q& q, const K& k, const V& v, int threads = 0) {
-    detail::check_linear_scalars<Q, K, V>();
+    detail::check_qkv_scalars<Q, K, V>();
     static_assert(std::is_same_v<heads_scalar_t<Q>, Scalar>,
                   "posenc::LinearAttentionState::append: q, k, v must have the state's scalar");
     constexpr const char* fn = "posenc::LinearAttentionState::append";
@@ -632,7 +622,7 @@ void linear_attention(const Q& q, const K& k, const V& v, const Map& map, const 
                       HeadsView<heads_scalar_t<Q>> out,
                       const LinearAttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_linear_scalars<Q, K, V>();
+  detail::check_qkv_scalars<Q, K, V>();
   static_assert(FeatureMap<Map, Scalar>,
                 "posenc::linear_attention: the map must be EluPlusOne, ReluPlusEpsilon, "
                 "Favor<Scalar> (same scalar as q) or a deterministic feature map");
@@ -692,7 +682,7 @@ Heads<heads_scalar_t<Q>> linear_attention_reference(const Q& q, const K& k, cons
                                                     const Map& map, const Encoder& encoder = {},
                                                     const LinearAttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
-  detail::check_linear_scalars<Q, K, V>();
+  detail::check_qkv_scalars<Q, K, V>();
   static_assert(FeatureMap<Map, Scalar>, "posenc::linear_attention_reference: unsupported map");
   static_assert(detail::linear_encoder_v<Encoder>,
                 "posenc::linear_attention_reference: unsupported encoder");

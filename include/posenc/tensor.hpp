@@ -197,4 +197,20 @@ concept HeadsLike = requires {
 template <HeadsLike T>
 using heads_scalar_t = typename detail::heads_scalar<std::remove_cvref_t<T>>::type;
 
+namespace detail {
+
+/// Compile-time check of the attention entry points (softmax and linear): q, k and v share one
+/// scalar type, float or double.
+template <class Q, class K, class V>
+constexpr void check_qkv_scalars() {
+  static_assert(std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<K>> &&
+                    std::is_same_v<heads_scalar_t<Q>, heads_scalar_t<V>>,
+                "posenc: q, k and v must have the same scalar type");
+  static_assert(
+      std::is_same_v<heads_scalar_t<Q>, float> || std::is_same_v<heads_scalar_t<Q>, double>,
+      "posenc: the scalar type of q, k and v must be float or double");
+}
+
+}  // namespace detail
+
 }  // namespace posenc

@@ -101,26 +101,12 @@ TEST(SineSpeMonteCarlo, MeanApproachesExpectedLogitsAsOneOverSqrtR) {
   const Heads<double> q = random_heads<double>(H, L, D, rng);
   const Heads<double> k = random_heads<double>(H, L, D, rng);
   const Matrix<double> gate = Matrix<double>::Constant(H, D, 0.3);
-  for (const bool gated : {false, true}) {
-    SCOPED_TRACE(gated ? "gated" : "ungated");
-    MonteCarloError errors[2];
-    const Index realizations[2] = {256, 4096};
-    for (int i = 0; i < 2; ++i) {
-      errors[i] = monte_carlo_error(
-          [&](std::uint64_t seed) {
-            return SineSpe<double>(parameters, realizations[i], seed,
-                                   gated ? std::optional<Matrix<double>>(gate) : std::nullopt);
-          },
-          16, q, k, 0, 0);
-    }
-    // 16x the realizations: 4x less error (over 80 seeds the ratio stayed within 3.2 … 4.8).
-    const double ratio = errors[0].per_draw / errors[1].per_draw;
-    EXPECT_GT(ratio, 2.8);
-    EXPECT_LT(ratio, 5.7);
-    // The mean of 16 draws is ~4x closer than one draw, and close to the closed form.
-    EXPECT_LT(errors[1].of_mean, 0.6 * errors[1].per_draw);
-    EXPECT_LT(errors[1].of_mean, 0.05);
-  }
+  expect_error_falls_as_one_over_sqrt_r(
+      [&](Index realizations, std::uint64_t seed, bool gated) {
+        return SineSpe<double>(parameters, realizations, seed,
+                               gated ? std::optional<Matrix<double>>(gate) : std::nullopt);
+      },
+      q, k);
 }
 
 // The positional factor depends on m − n only: the closed form is Toeplitz for equal rows, and
