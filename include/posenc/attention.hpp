@@ -154,13 +154,7 @@ AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
   using EncoderScalar = typename encoder_scalar<Encoder>::type;
   static_assert(std::is_void_v<EncoderScalar> || std::is_same_v<EncoderScalar, Scalar>,
                 "posenc::attention: the encoder's Scalar differs from the scalar of q, k, v");
-  require(q.heads() >= 1, fn, "q must have at least one head, got ", q.heads());
-  require(k.heads() == v.heads(), fn, "k has ", k.heads(), " heads but v has ", v.heads());
-  require(k.heads() >= 1 && q.heads() % k.heads() == 0, fn, "q has ", q.heads(),
-          " heads, which is not a multiple of the ", k.heads(), " heads of k and v");
-  require(q.dim() == k.dim(), fn, "q has dim ", q.dim(), " but k has dim ", k.dim());
-  require(q.dim() >= 1, fn, "q and k must have dim >= 1, got ", q.dim());
-  require(k.rows() == v.rows(), fn, "k has ", k.rows(), " rows but v has ", v.rows());
+  check_qkv_shapes(fn, q, k, v);
   require(options.query_positions.empty() ||
               static_cast<Index>(options.query_positions.size()) == q.rows(),
           fn, "query_positions has ", options.query_positions.size(), " entries but q has ",

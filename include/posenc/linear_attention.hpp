@@ -419,13 +419,7 @@ LinearShape check_linear(const char* fn, const HeadsView<const Scalar>& q,
                          const HeadsView<const Scalar>& k, const HeadsView<const Scalar>& v,
                          const Map& map, const Encoder& encoder, bool causal, int threads,
                          Index chunk) {
-  require(q.heads() >= 1, fn, "q must have at least one head, got ", q.heads());
-  require(k.heads() == v.heads(), fn, "k has ", k.heads(), " heads but v has ", v.heads());
-  require(k.heads() >= 1 && q.heads() % k.heads() == 0, fn, "q has ", q.heads(),
-          " heads, which is not a multiple of the ", k.heads(), " heads of k and v");
-  require(q.dim() == k.dim(), fn, "q has dim ", q.dim(), " but k has dim ", k.dim());
-  require(q.dim() >= 1, fn, "q and k must have dim >= 1, got ", q.dim());
-  require(k.rows() == v.rows(), fn, "k has ", k.rows(), " rows but v has ", v.rows());
+  check_qkv_shapes(fn, q, k, v);
   require(!causal || q.rows() == k.rows(), fn,
           "causal linear attention needs as many keys as queries (the same tokens), got ", q.rows(),
           " queries and ", k.rows(), " keys; use LinearAttentionState to continue a sequence");

@@ -211,6 +211,21 @@ constexpr void check_qkv_scalars() {
       "posenc: the scalar type of q, k and v must be float or double");
 }
 
+/// Runtime shape checks shared by the attention entry points (softmax and linear): q [H, N, D],
+/// k [H_kv, M, D], v [H_kv, M, Dv] with H_kv ≥ 1 dividing H and D ≥ 1. Throws
+/// std::invalid_argument naming `fn` and the sizes.
+template <class Scalar>
+void check_qkv_shapes(const char* fn, const HeadsView<const Scalar>& q,
+                      const HeadsView<const Scalar>& k, const HeadsView<const Scalar>& v) {
+  require(q.heads() >= 1, fn, "q must have at least one head, got ", q.heads());
+  require(k.heads() == v.heads(), fn, "k has ", k.heads(), " heads but v has ", v.heads());
+  require(k.heads() >= 1 && q.heads() % k.heads() == 0, fn, "q has ", q.heads(),
+          " heads, which is not a multiple of the ", k.heads(), " heads of k and v");
+  require(q.dim() == k.dim(), fn, "q has dim ", q.dim(), " but k has dim ", k.dim());
+  require(q.dim() >= 1, fn, "q and k must have dim >= 1, got ", q.dim());
+  require(k.rows() == v.rows(), fn, "k has ", k.rows(), " rows but v has ", v.rows());
+}
+
 }  // namespace detail
 
 }  // namespace posenc

@@ -106,6 +106,23 @@ void check_spe_outputs(const Json& golden, const Encoder& encoder, const std::st
   }
 }
 
+/// The query and key codes at every position and head equal the golden's `qbar` / `kbar`
+/// ([position][head][D][R]).
+template <class Spe>
+void expect_codes_match(const Json& json, const Spe& spe, Index length) {
+  const Json& outputs = json.at("outputs");
+  for (Index m = 0; m < length; ++m) {
+    for (Index h = 0; h < spe.heads(); ++h) {
+      const auto mi = static_cast<std::size_t>(m);
+      const auto hi = static_cast<std::size_t>(h);
+      EXPECT_LE(relative_error(spe.query_code(h, m), to_matrix(outputs.at("qbar").at(mi).at(hi))),
+                kGoldenTolerance);
+      EXPECT_LE(relative_error(spe.key_code(h, m), to_matrix(outputs.at("kbar").at(mi).at(hi))),
+                kGoldenTolerance);
+    }
+  }
+}
+
 /// Monte-Carlo error of q̂·k̂ against expected_logits, relative to the RMS of the expectation:
 /// `per_draw` is the RMS error of one draw (averaged in square over the draws, so that it is a
 /// stable estimate of the 1/sqrt(R) law), `of_mean` the error of the mean over the draws.
