@@ -338,7 +338,7 @@ struct OnlineSoftmax {
     for (Index r = 0; r < scores.rows(); ++r) {
       auto row = scores.row(r);
       const Scalar old_max = row_max[r];
-      const Scalar new_max = std::max(old_max, row.maxCoeff());
+      const Scalar new_max = std::max(old_max, row_maximum(row.data(), scores.cols()));
       if (new_max == minus_infinity) {  // every key so far is masked for this row
         row.setZero();
         rescale[r] = Scalar(1);
@@ -346,7 +346,9 @@ struct OnlineSoftmax {
       }
       any = true;
       const Scalar tile_sum = exp_shifted_row(row.data(), scores.cols(), new_max);
-      const Scalar factor = old_max == minus_infinity ? Scalar(0) : std::exp(old_max - new_max);
+      const Scalar factor = old_max == new_max        ? Scalar(1)
+                            : old_max == minus_infinity ? Scalar(0)
+                                                        : std::exp(old_max - new_max);
       rescaled = rescaled || factor != Scalar(1);
       rescale[r] = factor;
       row_sum[r] = row_sum[r] * factor + tile_sum;

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "posenc/tensor.hpp"
 
@@ -239,6 +240,64 @@ Packet softmax_exp(const Packet& x) {
   return pselect(pcmp_lt(x, lowest), pset1<Packet>(Scalar(0)), pexp(x));
 }
 
+#ifdef EIGEN_VECTORIZE_AVX512
+/// The same for 16 floats with AVX-512, in about half the instructions of Eigen's pexp: the
+/// Cody–Waite reduction x = n·ln 2 + r (|r| ≤ ln 2 / 2, ln 2 split in two so n·ln 2 is exact),
+/// Cephes' degree-7 polynomial for exp(r) (the one Eigen uses), and 2ⁿ applied by vscalefps,
+/// whose zeroing mask gives exactly 0 below the normal range. Within 1 ulp on [log(FLT_MIN), 0].
+inline Eigen::internal::Packet16f softmax_exp(const Eigen::internal::Packet16f& x) {
+  const __m512 lowest = _mm512_set1_ps(std::log(std::numeric_limits<float>::min()));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2, high bits (exact)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);      // ln 2, the rest
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(in_range, p, n);
+}
+#endif
+
+/// Σ of the lanes of a packet.
+template <class Packet>
+typename Eigen::internal::unpacket_traits<Packet>::type sum_lanes(const Packet& packet) {
+  using Scalar = typename Eigen::internal::unpacket_traits<Packet>::type;
+  constexpr Index W = Eigen::internal::unpacket_traits<Packet>::size;
+  if constexpr (std::is_same_v<Scalar, float>) {
+    return Eigen::internal::predux(packet);
+  } else {
+    // Lanes summed through memory: GCC 12 raises a false -Wuninitialized inside its own
+    // AVX-512 intrinsics for predux on 8-double packets.
+    alignas(64) Scalar lanes[W];
+    Eigen::internal::pstoreu(lanes, packet);
+    Scalar total = 0;
+    for (Index i = 0; i < W; ++i) total += lanes[i];
+    return total;
+  }
+}
+
+/// max_c row[c] for c < count (−inf when count is 0).
+template <class Scalar>
+Scalar row_maximum(const Scalar* row, Index count) {
+  using Packet = typename TileKernelTraits<Scalar>::Packet;
+  using namespace Eigen::internal;
+  constexpr Index W = TileKernelTraits<Scalar>::width;
+  Scalar best = -std::numeric_limits<Scalar>::infinity();
+  Index c = 0;
+  if (count >= W) {
+    Packet m = ploadu<Packet>(row);
+    for (c = W; c + W <= count; c += W) m = pmax(m, ploadu<Packet>(row + c));
+    best = predux_max(m);
+  }
+  for (; c < count; ++c) best = std::max(best, row[c]);
+  return best;
+}
+
 /// row[c] = softmax_exp(row[c] − max) for c < count, returning Σ_c row[c].
 template <class Scalar>
 Scalar exp_shifted_row(Scalar* row, Index count, Scalar max) {
@@ -253,12 +312,7 @@ Scalar exp_shifted_row(Scalar* row, Index count, Scalar max) {
     pstoreu(row + c, e);
     sum = padd(sum, e);
   }
-  // Lanes summed through memory: GCC 12 raises a false -Wuninitialized inside its own AVX-512
-  // intrinsics for predux on 8-double packets.
-  alignas(64) Scalar lanes[W];
-  pstoreu(lanes, sum);
-  Scalar total = 0;
-  for (Index i = 0; i < W; ++i) total += lanes[i];
+  Scalar total = sum_lanes(sum);
   for (; c < count; ++c) {
     const Scalar x = row[c] - max;
     row[c] = x < std::log(std::numeric_limits<Scalar>::min()) ? Scalar(0) : std::exp(x);
