@@ -346,7 +346,7 @@ struct OnlineSoftmax {
       }
       any = true;
       const Scalar tile_sum = exp_shifted_row(row.data(), scores.cols(), new_max);
-      const Scalar factor = old_max == new_max        ? Scalar(1)
+      const Scalar factor = old_max == new_max          ? Scalar(1)
                             : old_max == minus_infinity ? Scalar(0)
                                                         : std::exp(old_max - new_max);
       rescaled = rescaled || factor != Scalar(1);
