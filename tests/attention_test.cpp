@@ -112,6 +112,40 @@ TYPED_TEST(AttentionTest, StreamingMatchesReferenceWithSegments) {
   }
 }
 
+TYPED_TEST(AttentionTest, TasksThatShareKeyTilesMatchReference) {
+  // With one thread a per-head task takes four query blocks, which share each key tile's
+  // packing; with eight threads there are too few tasks for that and each takes one block.
+  // Nine blocks of 7 rows leave a short last group, and the masks, positions and segments
+  // make some blocks of a group skip a key tile that the group as a whole needs.
+  ASSERT_EQ(detail::blocks_per_task(3, 9, 1), 4);
+#ifdef _OPENMP
+  ASSERT_EQ(detail::blocks_per_task(3, 9, 8), 1);
+#endif
+  ASSERT_EQ(detail::blocks_per_task(1, 3, 1), 2);
+  const Shape shape{3, 60, 61, 16, 8, 0, 7, 9};
+  auto rng = make_rng(3);
+  std::uniform_int_distribution<Index> position(-10, 70);
+  std::vector<Index> qpos(60);
+  std::vector<Index> kpos(61);
+  for (auto& p : qpos) p = position(rng);
+  for (auto& p : kpos) p = position(rng);
+  std::vector<Index> qseg(60);
+  std::vector<Index> kseg(61);
+  for (std::size_t i = 0; i < qseg.size(); ++i) qseg[i] = static_cast<Index>(i) / 25;
+  for (std::size_t i = 0; i < kseg.size(); ++i) kseg[i] = static_cast<Index>(i) / 25;
+  std::uint64_t salt = 300;
+  for (int threads : {1, 8}) {
+    for (const Mask& mask : all_masks()) {
+      expect_stream_matches_reference<TypeParam>(shape, mask, salt++, {.threads = threads});
+      expect_stream_matches_reference<TypeParam>(
+          shape, mask, salt++,
+          {.query_positions = qpos, .key_positions = kpos, .threads = threads});
+      expect_stream_matches_reference<TypeParam>(
+          shape, mask, salt++, {.query_segments = qseg, .key_segments = kseg, .threads = threads});
+    }
+  }
+}
+
 TYPED_TEST(AttentionTest, SegmentsIsolateDocuments) {
   // Attention over a packed pair of documents equals attention over each document alone.
   using Scalar = TypeParam;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -368,26 +369,28 @@ struct TileWorkspace {
   std::vector<OnlineSoftmax<Scalar>> states;
   bool in_use = false;
 
-  void reserve(Index heads_per_task, Index query_block, Index key_block, Index key_halo,
-               Index query_dim, Index logit_dim, Index value_dim, bool mixes) {
+  /// `slots`: query blocks whose state a task keeps at once (the heads of a ScoreMixer task,
+  /// the query blocks of a per-head task); `mixes`: a ScoreMixer's all-head logits and scores.
+  void reserve(Index slots, Index query_block, Index key_block, Index key_halo, Index query_dim,
+               Index logit_dim, Index value_dim, bool mixes) {
     const Index key_rows = key_block + 2 * key_halo;
-    grow(queries, heads_per_task * query_block * logit_dim);
+    grow(queries, slots * query_block * logit_dim);
     grow(keys, key_rows * std::max(query_dim, logit_dim));
     grow(keys_t, logit_dim * padded_width<Scalar>(key_rows));
     grow(values_p, key_block * padded_width<Scalar>(value_dim));
-    grow(logits, mixes ? heads_per_task * query_block * key_rows : 0);
-    grow(scores, heads_per_task * query_block * padded_width<Scalar>(key_block));
-    grow(row_max, heads_per_task * query_block);
-    grow(row_sum, heads_per_task * query_block);
-    grow(rescale, heads_per_task * query_block);
-    grow(output, heads_per_task * query_block * padded_width<Scalar>(value_dim));
-    if (static_cast<Index>(query_positions.size()) < query_block) {
-      query_positions.resize(static_cast<std::size_t>(query_block));
+    grow(logits, mixes ? slots * query_block * key_rows : 0);
+    grow(scores, (mixes ? slots : 1) * query_block * padded_width<Scalar>(key_block));
+    grow(row_max, slots * query_block);
+    grow(row_sum, slots * query_block);
+    grow(rescale, slots * query_block);
+    grow(output, slots * query_block * padded_width<Scalar>(value_dim));
+    if (static_cast<Index>(query_positions.size()) < slots * query_block) {
+      query_positions.resize(static_cast<std::size_t>(slots * query_block));
     }
     if (static_cast<Index>(key_positions.size()) < key_rows) {
       key_positions.resize(static_cast<std::size_t>(key_rows));
     }
-    states.reserve(static_cast<std::size_t>(heads_per_task));
+    states.reserve(static_cast<std::size_t>(slots));
   }
 
  private:
@@ -460,17 +463,23 @@ OnlineSoftmax<Scalar> softmax_state(TileWorkspace<Scalar>& ws, Index slot, Index
           as_strided(output, rows, ld, ld)};
 }
 
+/// Packs a key tile transposed into ws.keys_t (the layout of the Q·Kᵀ micro-kernel); returns its
+/// row stride.
+template <class Scalar, class Keys>
+Index pack_keys(const Keys& keys, TileWorkspace<Scalar>& ws) {
+  const Index ldk = padded_width<Scalar>(keys.rows());
+  pack_transposed(keys.data(), keys.outerStride(), keys.rows(), keys.cols(), ws.keys_t.data(), ldk);
+  return ldk;
+}
+
 /// logits (rows × keys.rows(), row stride ld) = queries · keysᵀ by the register-blocked
 /// micro-kernel, after packing the key tile transposed into the workspace.
 template <class Scalar, class Queries, class Keys>
 void compute_logits(const Queries& queries, const Keys& keys, TileWorkspace<Scalar>& ws,
                     Scalar* logits, Index ld) {
-  const Index cols = keys.rows();
-  const Index depth = keys.cols();
-  const Index ldk = padded_width<Scalar>(cols);
-  pack_transposed(keys.data(), keys.outerStride(), cols, depth, ws.keys_t.data(), ldk);
-  tile_logits(queries.data(), queries.outerStride(), queries.rows(), depth, ws.keys_t.data(), ldk,
-              cols, logits, ld);
+  const Index ldk = pack_keys(keys, ws);
+  tile_logits(queries.data(), queries.outerStride(), queries.rows(), keys.cols(), ws.keys_t.data(),
+              ldk, keys.rows(), logits, ld);
 }
 
 /// Writes the scaled, transformed query tile of head h (rows × logit_dim) into `out`.
@@ -587,54 +596,95 @@ BlockExtent key_extent(const AttentionProblem<Scalar>& p, Index first, Index cou
 
 inline Index ceil_div(Index a, Index b) { return (a + b - 1) / b; }
 
-/// Streaming kernel without a ScoreMixer: one task per (head, query block).
+/// Query blocks that one per-head task takes together: up to four, fewer when that would leave
+/// less than two tasks per thread. They share each key tile's transform and packing (so with
+/// four, a key tile is transformed and packed a quarter as often), while each block keeps its
+/// own score tile, coverage and softmax state.
+inline constexpr Index max_blocks_per_task = 4;
+
+inline Index blocks_per_task(Index heads, Index query_blocks, int requested_threads) {
+  const auto threads = static_cast<Index>(thread_count(requested_threads, heads * query_blocks));
+  Index group = max_blocks_per_task;
+  while (group > 1 && heads * ceil_div(query_blocks, group) < 2 * threads) group /= 2;
+  return group;
+}
+
+/// Streaming kernel without a ScoreMixer: one task per (head, group of blocks_per_task query
+/// blocks).
 template <class Scalar, class Encoder>
 void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
                      const ResultSink<Scalar>& sink) {
   const Index query_blocks = ceil_div(p.queries, p.query_block);
   const Index key_blocks = ceil_div(p.keys, p.key_block);
-  const Index tasks = p.heads * query_blocks;
+  const Index group_size = blocks_per_task(p.heads, query_blocks, p.threads);
+  const Index groups = ceil_div(query_blocks, group_size);
+  const Index tasks = p.heads * groups;
+  const Index qb = p.query_block;
   parallel_tasks(
       tasks, thread_count(p.threads, tasks),
       [&] {
         WorkspaceLease<Scalar> lease;
-        lease.get().reserve(1, p.query_block, p.key_block, 0, p.query_dim, p.logit_dim, p.value_dim,
+        lease.get().reserve(group_size, qb, p.key_block, 0, p.query_dim, p.logit_dim, p.value_dim,
                             false);
         return lease;
       },
       [&](Index task, WorkspaceLease<Scalar>& lease) {
         TileWorkspace<Scalar>& ws = lease.get();
         // Last query blocks first: under a causal mask they see the most keys.
-        const Index block = query_blocks - 1 - task / p.heads;
+        const Index group = groups - 1 - task / p.heads;
         const Index h = task % p.heads;
-        const Index first = block * p.query_block;
-        const Index rows = std::min(p.query_block, p.queries - first);
+        const Index first = group * group_size * qb;
+        const Index rows = std::min(group_size * qb, p.queries - first);
+        const Index blocks = ceil_div(rows, qb);
         fill_positions(p, true, first, rows, ws.query_positions);
         const Positions qpos(ws.query_positions.data(), static_cast<std::size_t>(rows));
-        auto queries = as_matrix(ws.queries, 0, rows, p.logit_dim);
-        load_queries(p, encoder, h, first, qpos, queries);
-        const BlockExtent qext = query_extent(p, first, rows);
-        OnlineSoftmax<Scalar> state = softmax_state(ws, 0, p.query_block, rows, p.value_dim);
-        state.reset();
+        load_queries(p, encoder, h, first, qpos, as_matrix(ws.queries, 0, rows, p.logit_dim));
+        const BlockExtent group_extent = query_extent(p, first, rows);
+        std::array<BlockExtent, max_blocks_per_task> block_extents{};
+        std::vector<OnlineSoftmax<Scalar>>& states = ws.states;
+        states.clear();  // capacity reserved: no allocation
+        for (Index b = 0; b < blocks; ++b) {
+          const Index block_rows = std::min(qb, rows - b * qb);
+          block_extents[static_cast<std::size_t>(b)] = query_extent(p, first + b * qb, block_rows);
+          states.push_back(softmax_state(ws, b, qb, block_rows, p.value_dim));
+          states.back().reset();
+        }
         const Index lds = padded_width<Scalar>(p.key_block);
         for (Index kb = 0; kb < key_blocks; ++kb) {
           const Index key_first = kb * p.key_block;
           const Index cols = std::min(p.key_block, p.keys - key_first);
-          const TileCoverage coverage =
-              tile_coverage(p.mask, p.has_segments(), qext, key_extent(p, key_first, cols));
-          if (coverage == TileCoverage::none) continue;
+          const BlockExtent kext = key_extent(p, key_first, cols);
+          if (tile_coverage(p.mask, p.has_segments(), group_extent, kext) == TileCoverage::none) {
+            continue;
+          }
           fill_positions(p, false, key_first, cols, ws.key_positions);
           const Positions kpos(ws.key_positions.data(), static_cast<std::size_t>(cols));
           const auto keys =
               load_keys(p, encoder, p.kv_head(h), key_first, cols, kpos, qpos[0], ws.keys);
-          auto scores = as_strided(ws.scores.data(), rows, cols, lds);
-          compute_logits(queries, keys, ws, scores.data(), lds);
-          if constexpr (RelativeKeyValue<Encoder>) {
-            encoder.add_relative_logits(h, qpos, kpos, queries, scores);
+          const Index ldk = pack_keys(keys, ws);
+          for (Index b = 0; b < blocks; ++b) {
+            const TileCoverage coverage = tile_coverage(
+                p.mask, p.has_segments(), block_extents[static_cast<std::size_t>(b)], kext);
+            if (coverage == TileCoverage::none) continue;
+            OnlineSoftmax<Scalar>& state = states[static_cast<std::size_t>(b)];
+            const Index block_rows = state.row_max.size();
+            const auto queries =
+                as_matrix(ws.queries, b * qb * p.logit_dim, block_rows, p.logit_dim);
+            const Positions block_qpos = qpos.subspan(static_cast<std::size_t>(b * qb),
+                                                      static_cast<std::size_t>(block_rows));
+            auto scores = as_strided(ws.scores.data(), block_rows, cols, lds);
+            tile_logits(queries.data(), p.logit_dim, block_rows, p.logit_dim, ws.keys_t.data(), ldk,
+                        cols, scores.data(), lds);
+            if constexpr (RelativeKeyValue<Encoder>) {
+              encoder.add_relative_logits(h, block_qpos, kpos, queries, scores);
+            }
+            finish_tile(p, encoder, h, first + b * qb, key_first, block_qpos, kpos, coverage,
+                        scores, state, ws);
           }
-          finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, scores, state, ws);
         }
-        sink.write(h, first, state);
+        for (Index b = 0; b < blocks; ++b) {
+          sink.write(h, first + b * qb, states[static_cast<std::size_t>(b)]);
+        }
       });
 }
 
