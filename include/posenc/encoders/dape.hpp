@@ -98,8 +98,10 @@ struct DapeLayer {
   T slope = T(0);
 };
 
-/// Rows [r0, r0 + MR) × pixels [col, col + NP·packet) of a DapeLayer, in registers.
-template <class T, int MR, int NP>
+/// Rows [r0, r0 + MR) × pixels [col, col + NP·packet) of a DapeLayer, in registers. The
+/// residual count and the activation are template arguments: with runtime branches around the
+/// accumulators GCC keeps them on the stack and spills them around the depth loop.
+template <class T, int MR, int NP, int Residuals, bool Activate>
 void dape_layer_block(const DapeLayer<T>& layer, Index r0, Index col) {
   using Packet = typename TileKernelTraits<T>::Packet;
   using namespace Eigen::internal;
@@ -108,12 +110,12 @@ void dape_layer_block(const DapeLayer<T>& layer, Index r0, Index col) {
   for (int i = 0; i < MR; ++i) {
     const Packet b = pset1<Packet>(layer.bias[r0 + i]);
     for (int j = 0; j < NP; ++j) acc[i][j] = b;
-    if (layer.residual_a != nullptr) {
+    if constexpr (Residuals >= 1) {
       for (int j = 0; j < NP; ++j) {
         acc[i][j] = padd(acc[i][j], ploadu<Packet>(layer.residual_a[r0 + i] + col + j * W));
       }
     }
-    if (layer.residual_b != nullptr) {
+    if constexpr (Residuals >= 2) {
       for (int j = 0; j < NP; ++j) {
         acc[i][j] = padd(acc[i][j], ploadu<Packet>(layer.residual_b[r0 + i] + col + j * W));
       }
@@ -129,36 +131,56 @@ void dape_layer_block(const DapeLayer<T>& layer, Index r0, Index col) {
       for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(wi, xp[j], acc[i][j]);
     }
   }
-  const Packet slope = pset1<Packet>(layer.slope);
+  [[maybe_unused]] const Packet slope = pset1<Packet>(layer.slope);
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NP; ++j) {
-      const Packet y = layer.activate ? pmax(acc[i][j], pmul(acc[i][j], slope)) : acc[i][j];
-      pstoreu(layer.out[r0 + i] + col + j * W, y);
+      if constexpr (Activate) acc[i][j] = pmax(acc[i][j], pmul(acc[i][j], slope));
+      pstoreu(layer.out[r0 + i] + col + j * W, acc[i][j]);
     }
   }
 }
 
 /// Every row of a DapeLayer for the pixels [col, col + NP·packet): blocks of 4 rows, then 2, 1.
-template <class T, int NP>
+template <class T, int NP, int Residuals, bool Activate>
 void dape_layer_columns(const DapeLayer<T>& layer, Index col) {
   Index r = 0;
-  for (; r + 4 <= layer.rows; r += 4) dape_layer_block<T, 4, NP>(layer, r, col);
+  for (; r + 4 <= layer.rows; r += 4) {
+    dape_layer_block<T, 4, NP, Residuals, Activate>(layer, r, col);
+  }
   if (r + 2 <= layer.rows) {
-    dape_layer_block<T, 2, NP>(layer, r, col);
+    dape_layer_block<T, 2, NP, Residuals, Activate>(layer, r, col);
     r += 2;
   }
-  if (r < layer.rows) dape_layer_block<T, 1, NP>(layer, r, col);
+  if (r < layer.rows) dape_layer_block<T, 1, NP, Residuals, Activate>(layer, r, col);
 }
 
-/// A DapeLayer over pixels [0, width): strips of three packets (two with 16 vector registers),
-/// the input strip reused by every block of rows, then single packets.
-template <class T>
-void dape_layer(const DapeLayer<T>& layer, Index width) {
+/// dape_layer with the residual count and activation fixed.
+template <class T, int Residuals, bool Activate>
+void dape_layer_strips(const DapeLayer<T>& layer, Index first_col, Index last_col) {
   constexpr Index W = TileKernelTraits<T>::width;
   constexpr int NP = TileKernelTraits<T>::many_registers ? 3 : 2;
-  Index col = 0;
-  for (; col + NP * W <= width; col += NP * W) dape_layer_columns<T, NP>(layer, col);
-  for (; col < width; col += W) dape_layer_columns<T, 1>(layer, col);
+  Index col = first_col;
+  for (; col + NP * W <= last_col; col += NP * W) {
+    dape_layer_columns<T, NP, Residuals, Activate>(layer, col);
+  }
+  for (; col < last_col; col += W) dape_layer_columns<T, 1, Residuals, Activate>(layer, col);
+}
+
+/// A DapeLayer over pixels [first_col, last_col) (a multiple of the packet width from first_col):
+/// strips of three packets (two with 16 vector registers), the input strip reused by every block
+/// of rows, then single packets.
+template <class T>
+void dape_layer(DapeLayer<T> layer, Index first_col, Index last_col) {
+  if (layer.residual_a == nullptr) std::swap(layer.residual_a, layer.residual_b);
+  const int residuals = layer.residual_a == nullptr ? 0 : layer.residual_b == nullptr ? 1 : 2;
+  if (layer.activate) {
+    if (residuals == 0) return dape_layer_strips<T, 0, true>(layer, first_col, last_col);
+    if (residuals == 1) return dape_layer_strips<T, 1, true>(layer, first_col, last_col);
+    return dape_layer_strips<T, 2, true>(layer, first_col, last_col);
+  }
+  if (residuals == 0) return dape_layer_strips<T, 0, false>(layer, first_col, last_col);
+  if (residuals == 1) return dape_layer_strips<T, 1, false>(layer, first_col, last_col);
+  return dape_layer_strips<T, 2, false>(layer, first_col, last_col);
 }
 
 /// The network of DAPE (k = 1, no tril) and DAPE V2 (k odd, tril), on tiles of all heads.
@@ -350,10 +372,10 @@ class DapeNetwork {
       for (Index w = 0; w < width_; ++w) hidden_in[w] = hidden_out[w] = hidden + w * slots;
       dape_layer(DapeLayer<T>{w1_.data(), b1_.data(), width_, channels_, in, hidden_out, nullptr,
                               nullptr, true, slope},
-                 slots);
+                 0, slots);
       dape_layer(DapeLayer<T>{w2_.data(), b2_.data(), heads_, width_, hidden_in, out, residual_a,
                               with_bias_ ? residual_b : nullptr, false, slope},
-                 slots);
+                 0, slots);
       return;
     }
 
@@ -395,7 +417,7 @@ class DapeNetwork {
     }
     dape_layer(DapeLayer<T>{w1_.data(), b1_.data(), width_, kernel_ * channels_, in, hidden_out,
                             nullptr, nullptr, true, slope},
-               padded);
+               0, padded);
     if (slot_key + half < 0 || slot_key + S - half > K) {
       for (Index r = 0; r < rows; ++r) {
         for (Index u = 0; u < S; ++u) {
@@ -408,7 +430,7 @@ class DapeNetwork {
     for (Index h = 0; h < heads_; ++h) out[h] = output + h * padded;
     dape_layer(DapeLayer<T>{w2_.data(), b2_.data(), heads_, kernel_ * width_, hidden_in, out,
                             nullptr, nullptr, false, slope},
-               padded);
+               0, padded);
 
     // scores = A + B + network output at the run's keys (A and B before the tril).
     const Index bias_offset = band.first - band.in_first;
