@@ -70,6 +70,15 @@ concept ScoreBias = requires(const E& e, Index head, Index i, Index j, Positions
   e.add_bias(head, query_positions, key_positions, tile);
 };
 
+/// A ScoreBias that depends on the positions only through their difference: B_h(i, j) = b_h(i − j)
+/// (ALiBi, KERPLE, T5). Declared with `static constexpr bool depends_only_on_distance = true;`.
+/// A consumer may then evaluate the bias once per distance of a tile instead of once per entry
+/// (DAPE does).
+template <class E>
+concept DistanceBias = ScoreBias<E> && requires {
+  requires E::depends_only_on_distance;
+};
+
 /// Query-dependent relative terms (Shaw et al. 2018): the logit gets scale·q_i·a^K(j − i) and the
 /// output gets Σ_j p_ij·a^V(j − i).
 ///

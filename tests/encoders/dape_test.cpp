@@ -242,7 +242,8 @@ TYPED_TEST(DapeTest, MixEqualsTheNetworkWrittenOutPixelByPixel) {
   };
   for (const Shape& shape :
        {Shape{4, 32, 0, 32, false}, Shape{7, 13, 0, 13, false}, Shape{5, 20, 4, 12, false},
-        Shape{6, 11, 0, 11, true}, Shape{2, 1100, 2, 1096, false}}) {
+        Shape{6, 11, 0, 11, true}, Shape{2, 1100, 2, 1096, false}, Shape{9, 64, 0, 64, false},
+        Shape{3, 48, 0, 48, false}}) {
     std::vector<Index> qpos = iota(shape.rows, 30);
     std::vector<Index> kpos = iota(shape.K, 25);
     if (shape.shuffled) {
@@ -266,6 +267,37 @@ TYPED_TEST(DapeTest, MixEqualsTheNetworkWrittenOutPixelByPixel) {
     check(v2_wide, 5, true, "V2 k = 5");
     check(v2_pointwise, 1, true, "V2 k = 1");
   }
+}
+
+TYPED_TEST(DapeTest, DistanceBiasesEvaluatedPerDistanceMatchTheNetwork) {
+  // ALiBi, KERPLE and T5 depend on i − j only: on tiles with consecutive positions and whole
+  // packets per row, DAPE evaluates B and W1_B·B once per distance (mix_by_distance). FIRE does
+  // not, and takes the general path; both must equal the network written out pixel by pixel.
+  using T = TypeParam;
+  constexpr Index H = 4;
+  auto rng = test::make_rng(316);
+  static_assert(DistanceBias<Alibi<T>> && DistanceBias<Kerple<T>> &&
+                DistanceBias<T5RelativeBias<T>> && !DistanceBias<Fire<T>>);
+  const auto check = [&](const auto& dape, const char* name) {
+    for (const Index rows : {1, 5, 9}) {
+      for (const Index K : {32, 48, 64}) {
+        const std::vector<Index> qpos = iota(rows, 40);
+        const std::vector<Index> kpos = iota(K, 7);
+        const Matrix<double> logits = test::random_heads<double>(1, H, rows * K, rng).head(0);
+        Matrix<T> scores(H, rows * K);
+        dape.mix(qpos, kpos, 0, K, logits.cast<T>(), scores);
+        const Matrix<double> want =
+            naive_mix(dape, dape.weights(), 1, false, qpos, kpos, 0, K, logits);
+        EXPECT_LE(test::relative_error(scores, want), 20 * test::Tolerance<T>::kernel)
+            << name << ", tile " << rows << " x " << K;
+      }
+    }
+  };
+  check(Dape<T, Alibi<T>>::random(Alibi<T>(H), 12, rng), "ALiBi");
+  check(Dape<T, Kerple<T>>::random(Kerple<T>::random(KerpleKernel::power, H, rng), 32, rng),
+        "KERPLE-power");
+  check(Dape<T, T5RelativeBias<T>>::random(T5RelativeBias<T>::random(H, 0.5, rng), 8, rng), "T5");
+  check(Dape<T, Fire<T>>::random(Fire<T>::random(H, 16, rng), 16, rng), "FIRE");
 }
 
 TEST(DapeStreaming, LongRowsSplitIntoRunsMatchTheReference) {

@@ -75,6 +75,8 @@ template <class T>
 class Alibi {
  public:
   using Scalar = T;
+  /// B_h(i, j) is a function of i − j (DistanceBias).
+  static constexpr bool depends_only_on_distance = true;
 
   /// The reference slopes of `heads` heads. Throws unless heads >= 1.
   explicit Alibi(Index heads, BiasForm form = BiasForm::causal,
@@ -115,6 +117,7 @@ class Alibi {
   BiasForm form_;
 };
 
+static_assert(DistanceBias<Alibi<float>>);
 static_assert(ScoreBias<Alibi<float>>);
 static_assert(ScoreBias<Alibi<double>>);
 

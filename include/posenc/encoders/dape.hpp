@@ -16,6 +16,7 @@
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/random.hpp"
 #include "posenc/detail/tile_kernels.hpp"
+#include "posenc/encoders/distance_bias.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
 
@@ -47,8 +48,9 @@ namespace detail {
 template <class T>
 struct DapeScratch {
   Vector<T> bias, input, hidden, output;
-  std::vector<const T*> input_rows, hidden_rows, residual_a, residual_b;
+  std::vector<const T*> input_rows, hidden_rows, residual_a, residual_b, residual_hidden;
   std::vector<T*> hidden_out, output_rows;
+  std::vector<Index> window_positions;
 
   static T* reserve(Vector<T>& buffer, Index size) {
     if (buffer.size() < size) buffer.resize(size);
@@ -160,6 +162,15 @@ void dape_layer_strips(const DapeLayer<T>& layer, Index first_col, Index last_co
   constexpr Index W = TileKernelTraits<T>::width;
   constexpr int NP = TileKernelTraits<T>::many_registers ? 3 : 2;
   Index col = first_col;
+  if constexpr (TileKernelTraits<T>::many_registers) {
+    // Rows of whole 4-packet strips (DAPE's 128-key rows): no single-packet tail.
+    if ((last_col - first_col) % (4 * W) == 0) {
+      for (; col < last_col; col += 4 * W) {
+        dape_layer_columns<T, 4, Residuals, Activate>(layer, col);
+      }
+      return;
+    }
+  }
   for (; col + NP * W <= last_col; col += NP * W) {
     dape_layer_columns<T, NP, Residuals, Activate>(layer, col);
   }
@@ -247,6 +258,10 @@ class DapeNetwork {
     }
     b1_ = weights_.b1.template cast<T>();
     b2_ = weights_.b2.template cast<T>();
+    if (kernel_ == 1 && !tril_ && with_bias_) {
+      w1_logits_ = w1_.leftCols(heads_);
+      w1_bias_ = w1_.rightCols(heads_);
+    }
   }
 
   Index heads() const { return heads_; }
@@ -257,11 +272,11 @@ class DapeNetwork {
   /// scores = A + B + g([A; B]) on one tile (the ScoreMixer contract, encoding.hpp): logits [H,
   /// rows·K], scores [H, rows·key_count] for keys [first_key, first_key + key_count) of the K
   /// key_positions. `add_bias(h, qpos, kpos, tile)` adds head h's bias B to a zero tile (called
-  /// only when the network reads a bias).
+  /// only when the network reads a bias); `distance_bias`: B_h(i, j) depends on i − j only.
   template <class AddBias>
   void mix(Positions query_positions, Positions key_positions, Index first_key, Index key_count,
-           ConstTileRef<T> logits, TileRef<T> scores, const AddBias& add_bias,
-           const char* fn) const {
+           ConstTileRef<T> logits, TileRef<T> scores, const AddBias& add_bias, const char* fn,
+           bool distance_bias = false) const {
     const auto rows = static_cast<Index>(query_positions.size());
     const auto K = static_cast<Index>(key_positions.size());
     detail::require(first_key >= 0 && key_count >= 0 && first_key + key_count <= K, fn, "keys [",
@@ -274,6 +289,12 @@ class DapeNetwork {
                     "scores must be [heads, rows·key_count] = [", heads_, ", ", rows * key_count,
                     "], got [", scores.rows(), ", ", scores.cols(), "]");
     if (rows == 0 || key_count == 0) return;
+    if (distance_bias && w1_logits_.size() > 0 && first_key == 0 && key_count == K &&
+        K % TileKernelTraits<T>::width == 0 && is_consecutive(query_positions) &&
+        is_consecutive(key_positions)) {
+      mix_by_distance(query_positions, key_positions, logits, scores, add_bias);
+      return;
+    }
     const Index half = kernel_ / 2;
     const Index runs = (key_count + kDapeMaxRun - 1) / kDapeMaxRun;
     const Index run_length = (key_count + runs - 1) / runs;
@@ -327,6 +348,69 @@ class DapeNetwork {
   struct Band {
     Index r0, rows, first, last, in_first, in_last;
   };
+
+  /// DAPE (k = 1) on a tile with consecutive positions, whole-packet rows and a bias that depends
+  /// on i − j only. B then takes rows + K − 1 values per head (one per distance, from a single
+  /// add_bias call on one query row), not rows·K, and so does the bias's share of the first
+  /// layer, W1_B·B; the first layer runs on the logits alone (depth H, not 2H) with W1_B·B added
+  /// as a residual. The same sums as the general path, in another order. Pixel (r, c) has
+  /// distance index m = (rows − 1 − r) + c.
+  template <class AddBias>
+  void mix_by_distance(Positions qpos, Positions kpos, ConstTileRef<T> logits, TileRef<T> scores,
+                       const AddBias& add_bias) const {
+    const auto rows = static_cast<Index>(qpos.size());
+    const auto K = static_cast<Index>(kpos.size());
+    const Index L = rows + K - 1;
+    DapeScratch<T>& scratch = dape_scratch<T>();
+    // B_h(last query, kpos[0] + m) = b_h(top − m) for m < L: every distance of the tile.
+    Index* key_positions = DapeScratch<T>::reserve(scratch.window_positions, L);
+    for (Index m = 0; m < L; ++m) key_positions[m] = kpos[0] + m;
+    const Index last_query = qpos[static_cast<std::size_t>(rows - 1)];
+    T* window = DapeScratch<T>::reserve(scratch.bias, (heads_ + width_) * L);
+    std::fill(window, window + heads_ * L, T(0));
+    for (Index h = 0; h < heads_; ++h) {
+      Eigen::Map<Matrix<T>> row(window + h * L, 1, L);
+      add_bias(h, Positions(&last_query, 1), Positions(key_positions, static_cast<std::size_t>(L)),
+               row);
+    }
+    // hidden_bias[w][m] = Σ_h W1_B[w, h]·B_h[m].
+    T* hidden_bias = window + heads_ * L;
+    for (Index w = 0; w < width_; ++w) {
+      T* out = hidden_bias + w * L;
+      std::fill(out, out + L, T(0));
+      for (Index h = 0; h < heads_; ++h) {
+        const T weight = w1_bias_(w, h);
+        const T* b = window + h * L;
+        for (Index m = 0; m < L; ++m) out[m] += weight * b[m];
+      }
+    }
+    // One query row at a time: its rows of W1_B·B and of B are slices of the per-distance rows.
+    const T slope = static_cast<T>(negative_slope);
+    const T** in = DapeScratch<T>::reserve(scratch.input_rows, heads_);
+    const T** residual_hidden = DapeScratch<T>::reserve(scratch.residual_hidden, width_);
+    const T** hidden_in = DapeScratch<T>::reserve(scratch.hidden_rows, width_);
+    T** hidden_out = DapeScratch<T>::reserve(scratch.hidden_out, width_);
+    const T** residual_a = DapeScratch<T>::reserve(scratch.residual_a, heads_);
+    const T** residual_b = DapeScratch<T>::reserve(scratch.residual_b, heads_);
+    T** out = DapeScratch<T>::reserve(scratch.output_rows, heads_);
+    T* hidden = DapeScratch<T>::reserve(scratch.hidden, width_ * K);
+    for (Index w = 0; w < width_; ++w) hidden_in[w] = hidden_out[w] = hidden + w * K;
+    for (Index r = 0; r < rows; ++r) {
+      const Index m0 = rows - 1 - r;  // distance index of (r, 0)
+      for (Index w = 0; w < width_; ++w) residual_hidden[w] = hidden_bias + w * L + m0;
+      for (Index h = 0; h < heads_; ++h) {
+        in[h] = residual_a[h] = logits.data() + h * logits.outerStride() + r * K;
+        residual_b[h] = window + h * L + m0;
+        out[h] = scores.data() + h * scores.outerStride() + r * K;
+      }
+      dape_layer(DapeLayer<T>{w1_logits_.data(), b1_.data(), width_, heads_, in, hidden_out,
+                              residual_hidden, nullptr, true, slope},
+                 0, K);
+      dape_layer(DapeLayer<T>{w2_.data(), b2_.data(), heads_, width_, hidden_in, out, residual_a,
+                              residual_b, false, slope},
+                 0, K);
+    }
+  }
 
   /// Rows [band.r0 + r0, … + rows) of a band. Each row is a segment of S slots, slot u holding
   /// key column band.first − 2·half + u. When the chunk is a contiguous block of the logits, the
@@ -475,6 +559,10 @@ class DapeNetwork {
   Matrix<T> w2_;  // [H, k·W], column t·W + w
   Vector<T> b1_;
   Vector<T> b2_;
+  // DAPE (k = 1) with a bias: w1's columns for the logits and for the bias, each contiguous
+  // [W, H], for mix_by_distance (else empty).
+  Matrix<T> w1_logits_;
+  Matrix<T> w1_bias_;
 };
 
 /// PyTorch's default initialisation of nn.Linear / nn.Conv2d (weights and biases ~
@@ -537,7 +625,7 @@ class DapeMixer {
         bias_.add_bias(head, qpos, kpos, tile);
       };
       network_.mix(query_positions, key_positions, first_key, key_count, logits, scores, add_bias,
-                   fn_);
+                   fn_, DistanceBias<Bias>);
     } else {
       const auto no_bias = [](Index, Positions, Positions, TileRef<T>) {};
       network_.mix(query_positions, key_positions, first_key, key_count, logits, scores, no_bias,

@@ -40,6 +40,8 @@ template <class T>
 class Kerple {
  public:
   using Scalar = T;
+  /// B_h(i, j) is a function of i − j (DistanceBias).
+  static constexpr bool depends_only_on_distance = true;
 
   /// The reference's clamp: every parameter is at least this.
   static constexpr double minimum_parameter = 0.01;
@@ -119,6 +121,7 @@ class Kerple {
   BiasForm form_;
 };
 
+static_assert(DistanceBias<Kerple<float>>);
 static_assert(ScoreBias<Kerple<float>>);
 static_assert(ScoreBias<Kerple<double>>);
 

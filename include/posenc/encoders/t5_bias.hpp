@@ -82,6 +82,8 @@ template <class T>
 class T5RelativeBias {
  public:
   using Scalar = T;
+  /// B_h(i, j) is a function of i − j (DistanceBias).
+  static constexpr bool depends_only_on_distance = true;
 
   /// Throws when the options are degenerate (bidirectional with fewer than 4 buckets or causal
   /// with fewer than 2, i.e. no exact bucket; max_distance not above the exact range) or the
@@ -189,6 +191,7 @@ class T5RelativeBias {
   std::vector<Index> buckets_;  // buckets of relative positions −reach_..reach_
 };
 
+static_assert(DistanceBias<T5RelativeBias<float>>);
 static_assert(ScoreBias<T5RelativeBias<float>>);
 static_assert(ScoreBias<T5RelativeBias<double>>);
 
