@@ -270,6 +270,18 @@ inline TileCoverage tile_coverage(const Mask& mask, bool segmented, const BlockE
   return one_document ? coverage : TileCoverage::partial;
 }
 
+/// The columns [first, last) of a tile whose keys sit at first_key, first_key + 1, … that the mask
+/// allows for a query at `query_position` (first >= last: none).
+inline std::pair<Index, Index> allowed_columns(const Mask& mask, Index query_position,
+                                               Index first_key, Index cols) {
+  const KeyRange range = mask.key_range(query_position);
+  // Compare in differences so that extreme ranges (±2^63) do not overflow.
+  const Index lo = range.first <= first_key ? 0 : std::min<Index>(range.first - first_key, cols);
+  const Index hi =
+      range.last < first_key ? 0 : std::min<Index>(range.last - first_key, cols - 1) + 1;
+  return {lo, hi};
+}
+
 /// Sets the entries of a score tile that the mask or the segments forbid to −inf.
 /// `keys_consecutive`: the key positions are kpos[0], kpos[0]+1, … (the default), so each row's
 /// allowed keys form one column interval.
@@ -280,14 +292,8 @@ void apply_mask(const Mask& mask, Positions qpos, Positions kpos, bool keys_cons
   const Index rows = tile.rows();
   const Index cols = tile.cols();
   for (Index r = 0; r < rows; ++r) {
-    const KeyRange range = mask.key_range(qpos[static_cast<std::size_t>(r)]);
     if (keys_consecutive) {
-      const Index first_key = kpos[0];
-      // Compare in differences so that extreme ranges (±2^63) do not overflow.
-      const Index lo =
-          range.first <= first_key ? 0 : std::min<Index>(range.first - first_key, cols);
-      const Index hi =
-          range.last < first_key ? 0 : std::min<Index>(range.last - first_key, cols - 1) + 1;
+      const auto [lo, hi] = allowed_columns(mask, qpos[static_cast<std::size_t>(r)], kpos[0], cols);
       if (hi <= lo) {
         tile.row(r).setConstant(minus_infinity);
       } else {
@@ -295,6 +301,7 @@ void apply_mask(const Mask& mask, Positions qpos, Positions kpos, bool keys_cons
         tile.row(r).tail(cols - hi).setConstant(minus_infinity);
       }
     } else {
+      const KeyRange range = mask.key_range(qpos[static_cast<std::size_t>(r)]);
       for (Index c = 0; c < cols; ++c) {
         if (!range.contains(kpos[static_cast<std::size_t>(c)])) tile(r, c) = minus_infinity;
       }
@@ -365,7 +372,7 @@ struct OnlineSoftmax {
 template <class Scalar>
 struct TileWorkspace {
   Vector<Scalar> queries, keys, keys_t, values_p, logits, scores, row_max, row_sum, rescale, output;
-  std::vector<Index> query_positions, key_positions;
+  std::vector<Index> query_positions, key_positions, column_begin, column_end;
   std::vector<OnlineSoftmax<Scalar>> states;
   bool in_use = false;
 
@@ -387,6 +394,10 @@ struct TileWorkspace {
     if (static_cast<Index>(query_positions.size()) < slots * query_block) {
       query_positions.resize(static_cast<std::size_t>(slots * query_block));
     }
+    if (static_cast<Index>(column_begin.size()) < query_block) {
+      column_begin.resize(static_cast<std::size_t>(query_block));
+      column_end.resize(static_cast<std::size_t>(query_block));
+    }
     if (static_cast<Index>(key_positions.size()) < key_rows) {
       key_positions.resize(static_cast<std::size_t>(key_rows));
     }
@@ -394,8 +405,9 @@ struct TileWorkspace {
   }
 
  private:
+  // Zeroed once when grown: tile entries the micro-kernels skip are then never uninitialised.
   static void grow(Vector<Scalar>& buffer, Index size) {
-    if (buffer.size() < size) buffer.resize(size);
+    if (buffer.size() < size) buffer.setZero(size);
   }
 };
 
@@ -555,7 +567,7 @@ template <class Scalar, class Encoder>
 void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index h,
                  Index query_first, Index key_first, Positions qpos, Positions kpos,
                  TileCoverage coverage, StridedTile<Scalar>& scores, OnlineSoftmax<Scalar>& state,
-                 TileWorkspace<Scalar>& ws) {
+                 TileWorkspace<Scalar>& ws, ColumnLimits limits = {}) {
   if constexpr (ScoreBias<Encoder>) encoder.add_bias(h, qpos, kpos, scores);
   if (coverage == TileCoverage::partial) {
     std::span<const Index> qseg;
@@ -577,7 +589,7 @@ void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Inde
     ldv = width;
   }
   tile_accumulate(scores.data(), scores.outerStride(), scores.rows(), scores.cols(), values, ldv,
-                  width, state.padded_output.data(), state.padded_output.outerStride());
+                  width, state.padded_output.data(), state.padded_output.outerStride(), limits);
   if constexpr (RelativeKeyValue<Encoder>) {
     encoder.add_relative_values(h, qpos, kpos, scores, state.output);
   }
@@ -673,13 +685,25 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
             const Positions block_qpos = qpos.subspan(static_cast<std::size_t>(b * qb),
                                                       static_cast<std::size_t>(block_rows));
             auto scores = as_strided(ws.scores.data(), block_rows, cols, lds);
+            // On a partial tile with consecutive keys, each row's allowed columns bound the work
+            // of both products (the entries outside are masked to −inf, their weights are 0).
+            ColumnLimits limits;
+            if (coverage == TileCoverage::partial && p.key_positions.empty()) {
+              for (Index r = 0; r < block_rows; ++r) {
+                const auto [lo, hi] = allowed_columns(
+                    p.mask, block_qpos[static_cast<std::size_t>(r)], key_first, cols);
+                ws.column_begin[static_cast<std::size_t>(r)] = lo;
+                ws.column_end[static_cast<std::size_t>(r)] = hi;
+              }
+              limits = {ws.column_begin.data(), ws.column_end.data()};
+            }
             tile_logits(queries.data(), p.logit_dim, block_rows, p.logit_dim, ws.keys_t.data(), ldk,
-                        cols, scores.data(), lds);
+                        cols, scores.data(), lds, limits);
             if constexpr (RelativeKeyValue<Encoder>) {
               encoder.add_relative_logits(h, block_qpos, kpos, queries, scores);
             }
             finish_tile(p, encoder, h, first + b * qb, key_first, block_qpos, kpos, coverage,
-                        scores, state, ws);
+                        scores, state, ws, limits);
           }
         }
         for (Index b = 0; b < blocks; ++b) {

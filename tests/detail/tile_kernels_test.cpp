@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "support/test_support.hpp"
 
@@ -67,6 +68,65 @@ TYPED_TEST(TileKernelsTest, LogitsAndAccumulateMatchEigenOnEveryRemainder) {
         ASSERT_LE(test::relative_error(out.leftCols(dim), expected),
                   50 * std::numeric_limits<Scalar>::epsilon() * static_cast<double>(cols))
             << "rows " << rows << " cols " << cols << " dim " << dim;
+      }
+    }
+  }
+}
+
+TYPED_TEST(TileKernelsTest, ColumnLimitsSkipOnlyBlocksOutsideEveryRowsRange) {
+  // Per-row column ranges of a causal diagonal tile, a sliding window and empty rows: inside its
+  // range every logit is computed; P·V with zero weights outside the ranges equals the full
+  // product. Odd sizes hit every remainder of the register blocks.
+  using Scalar = TypeParam;
+  using Traits = detail::TileKernelTraits<Scalar>;
+  const Index W = Traits::width;
+  auto rng = test::make_rng(43);
+  std::normal_distribution<double> normal;
+  const auto random = [&](Index r, Index c) {
+    Matrix<Scalar> m(r, c);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(normal(rng));
+    return m;
+  };
+  for (const Index rows : {Index{1}, Index{7}, Index{3 * Traits::logits_rows + 1}}) {
+    for (const Index cols : {Index{1}, 2 * W + 3, 6 * W}) {
+      for (int pattern = 0; pattern < 3; ++pattern) {
+        std::vector<Index> begin(static_cast<std::size_t>(rows));
+        std::vector<Index> end(static_cast<std::size_t>(rows));
+        for (Index r = 0; r < rows; ++r) {
+          const auto i = static_cast<std::size_t>(r);
+          const Index diagonal = r * cols / rows;  // causal: keys up to the diagonal
+          begin[i] = pattern == 1 ? std::max<Index>(0, diagonal - W) : 0;
+          end[i] = std::min(cols, diagonal + 1);
+          if (pattern == 2 && r % 3 == 1) begin[i] = end[i] = 0;  // no allowed key
+        }
+        const detail::ColumnLimits limits{begin.data(), end.data()};
+        const Index depth = 9;
+        const Matrix<Scalar> q = random(rows, depth);
+        const Matrix<Scalar> k = random(cols, depth);
+        const Index ldk = detail::padded_width<Scalar>(cols);
+        Matrix<Scalar> k_t(depth, ldk);
+        detail::pack_transposed(k.data(), depth, cols, depth, k_t.data(), ldk);
+        Matrix<Scalar> logits = Matrix<Scalar>::Zero(rows, ldk);
+        detail::tile_logits(q.data(), depth, rows, depth, k_t.data(), ldk, cols, logits.data(), ldk,
+                            limits);
+        const Matrix<Scalar> expected = q * k.transpose();
+        Matrix<Scalar> weights = Matrix<Scalar>::Zero(rows, cols);
+        for (Index r = 0; r < rows; ++r) {
+          const auto i = static_cast<std::size_t>(r);
+          for (Index c = begin[i]; c < end[i]; ++c) {
+            ASSERT_NEAR(logits(r, c), expected(r, c), 1e-4) << "row " << r << " col " << c;
+            weights(r, c) = static_cast<Scalar>(normal(rng));
+          }
+        }
+        const Index dim = 2 * W + 1;
+        const Index ldv = detail::padded_width<Scalar>(dim);
+        const Matrix<Scalar> v = random(cols, ldv);
+        Matrix<Scalar> out = Matrix<Scalar>::Zero(rows, ldv);
+        detail::tile_accumulate(weights.data(), cols, rows, cols, v.data(), ldv, ldv, out.data(),
+                                ldv, limits);
+        EXPECT_LE(test::relative_error(out, weights * v),
+                  50 * std::numeric_limits<Scalar>::epsilon() * static_cast<double>(cols))
+            << "rows " << rows << " cols " << cols << " pattern " << pattern;
       }
     }
   }

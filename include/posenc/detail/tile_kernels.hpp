@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "posenc/tensor.hpp"
 
@@ -36,6 +37,28 @@ constexpr Index padded_width(Index n) {
   constexpr Index w = TileKernelTraits<Scalar>::width;
   return (n + w - 1) / w * w;
 }
+
+/// Per-row column ranges of a tile that may hold non-zero work: row r needs columns
+/// [begin[r], end[r]) only (a mask's allowed keys); null pointers: every column. The micro-kernels
+/// skip whole register blocks outside the union of their rows' ranges.
+struct ColumnLimits {
+  const Index* begin = nullptr;
+  const Index* end = nullptr;
+
+  /// The union [first, last) of rows [r0, r0 + rows) (clamped to [0, cols)); empty as first >=
+  /// last.
+  std::pair<Index, Index> span(Index r0, Index rows, Index cols) const {
+    if (begin == nullptr) return {0, cols};
+    Index first = cols;
+    Index last = 0;
+    for (Index r = r0; r < r0 + rows; ++r) {
+      if (begin[r] >= end[r]) continue;  // no allowed column
+      first = std::min(first, begin[r]);
+      last = std::max(last, end[r]);
+    }
+    return {std::max<Index>(first, 0), std::min(last, cols)};
+  }
+};
 
 /// Writes the first `count` lanes of a packet to `to` (the edge of a tile narrower than a packet).
 template <class Packet, class Scalar>
@@ -102,13 +125,14 @@ void pack_rows(const Scalar* values, Index values_stride, Index cols, Index dim,
   }
 }
 
-/// logits(r, c) = Σ_d queries(r, d) · keys_t(d, c) for r < rows, c < cols.
-/// queries: rows × depth (row stride ldq); keys_t: depth × padded(cols) (row stride ldk, zero
-/// padding); logits: rows × cols (row stride ldl; columns up to padded(cols) may be written when
-/// ldl >= padded(cols)).
+/// Rows [r0, r0 + MR) ∩ [0, rows) × the register blocks of columns [first_col, last_col) of
+/// tile_logits (first_col a multiple of the block width). Not inlined: inside a larger function
+/// GCC 12 keeps the accumulators in memory and stores them on every step of the depth loop.
 template <class Scalar>
-void tile_logits(const Scalar* queries, Index ldq, Index rows, Index depth, const Scalar* keys_t,
-                 Index ldk, Index cols, Scalar* logits, Index ldl) {
+EIGEN_DONT_INLINE void logits_row_block(const Scalar* queries, Index ldq, Index rows, Index r0,
+                                        Index depth, const Scalar* keys_t, Index ldk, Index cols,
+                                        Index first_col, Index last_col, Scalar* logits,
+                                        Index ldl) {
   using Traits = TileKernelTraits<Scalar>;
   using Packet = typename Traits::Packet;
   using namespace Eigen::internal;
@@ -116,59 +140,76 @@ void tile_logits(const Scalar* queries, Index ldq, Index rows, Index depth, cons
   constexpr int NP = Traits::logits_packets;
   constexpr Index W = Traits::width;
   const bool full_stores = ldl >= padded_width<Scalar>(cols);
-  for (Index r0 = 0; r0 < rows; r0 += MR) {
-    // Rows past the end repeat the last row (valid memory) and are not stored.
-    const Scalar* q[MR];
-    for (int i = 0; i < MR; ++i) q[i] = queries + std::min<Index>(r0 + i, rows - 1) * ldq;
-    const Index active_rows = std::min<Index>(MR, rows - r0);
-    for (Index c0 = 0; c0 < cols; c0 += NP * W) {
-      Packet acc[MR][NP];
-      for (int i = 0; i < MR; ++i) {
-        for (int j = 0; j < NP; ++j) acc[i][j] = pset1<Packet>(Scalar(0));
-      }
-      // Columns past the padded width of keys_t are never read: c0 + NP·W may exceed it only
-      // when the last step is narrower, handled by clamping the packet count.
-      const Index packets = std::min<Index>(NP, (padded_width<Scalar>(cols) - c0) / W);
-      if (packets == NP) {
-        for (Index d = 0; d < depth; ++d) {
-          const Scalar* k = keys_t + d * ldk + c0;
-          Packet kp[NP];
-          for (int j = 0; j < NP; ++j) kp[j] = ploadu<Packet>(k + j * W);
-          for (int i = 0; i < MR; ++i) {
-            const Packet qi = pset1<Packet>(q[i][d]);
-            for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(qi, kp[j], acc[i][j]);
-          }
-        }
-      } else {
-        for (Index d = 0; d < depth; ++d) {
-          const Scalar* k = keys_t + d * ldk + c0;
-          for (int j = 0; j < NP; ++j) {
-            if (j >= packets) break;
-            const Packet kp = ploadu<Packet>(k + j * W);
-            for (int i = 0; i < MR; ++i) acc[i][j] = pmadd(pset1<Packet>(q[i][d]), kp, acc[i][j]);
-          }
+  // Rows past the end repeat the last row (valid memory) and are not stored.
+  const Scalar* q[MR];
+  for (int i = 0; i < MR; ++i) q[i] = queries + std::min<Index>(r0 + i, rows - 1) * ldq;
+  const Index active_rows = std::min<Index>(MR, rows - r0);
+  for (Index c0 = first_col; c0 < last_col; c0 += NP * W) {
+    Packet acc[MR][NP];
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < NP; ++j) acc[i][j] = pset1<Packet>(Scalar(0));
+    }
+    // Columns past the padded width of keys_t are never read: c0 + NP·W may exceed it only
+    // when the last step is narrower, handled by clamping the packet count.
+    const Index packets = std::min<Index>(NP, (padded_width<Scalar>(cols) - c0) / W);
+    if (packets == NP) {
+      for (Index d = 0; d < depth; ++d) {
+        const Scalar* k = keys_t + d * ldk + c0;
+        Packet kp[NP];
+        for (int j = 0; j < NP; ++j) kp[j] = ploadu<Packet>(k + j * W);
+        for (int i = 0; i < MR; ++i) {
+          const Packet qi = pset1<Packet>(q[i][d]);
+          for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(qi, kp[j], acc[i][j]);
         }
       }
-      // Constant trip counts with early exits (not runtime bounds): the loops unroll, every
-      // acc[i][j] index is a constant and the accumulators stay in registers. A runtime index
-      // would make GCC keep acc in memory and store all of it on every step of the depth loop.
-      for (int i = 0; i < MR; ++i) {
-        if (i >= active_rows) break;
-        Scalar* out = logits + (r0 + i) * ldl + c0;
+    } else {
+      for (Index d = 0; d < depth; ++d) {
+        const Scalar* k = keys_t + d * ldk + c0;
         for (int j = 0; j < NP; ++j) {
           if (j >= packets) break;
-          const Index lanes = full_stores ? W : std::min<Index>(W, cols - c0 - j * W);
-          if (lanes > 0) store_lanes(out + j * W, acc[i][j], lanes);
+          const Packet kp = ploadu<Packet>(k + j * W);
+          for (int i = 0; i < MR; ++i) acc[i][j] = pmadd(pset1<Packet>(q[i][d]), kp, acc[i][j]);
         }
       }
     }
+    // Constant trip counts with early exits (not runtime bounds): the loops unroll, every
+    // acc[i][j] index is a constant and the accumulators stay in registers. A runtime index
+    // would make GCC keep acc in memory and store all of it on every step of the depth loop.
+    for (int i = 0; i < MR; ++i) {
+      if (i >= active_rows) break;
+      Scalar* out = logits + (r0 + i) * ldl + c0;
+      for (int j = 0; j < NP; ++j) {
+        if (j >= packets) break;
+        const Index lanes = full_stores ? W : std::min<Index>(W, cols - c0 - j * W);
+        if (lanes > 0) store_lanes(out + j * W, acc[i][j], lanes);
+      }
+    }
+  }
+}
+
+/// logits(r, c) = Σ_d queries(r, d) · keys_t(d, c) for r < rows, c < cols.
+/// queries: rows × depth (row stride ldq); keys_t: depth × padded(cols) (row stride ldk, zero
+/// padding); logits: rows × cols (row stride ldl; columns up to padded(cols) may be written when
+/// ldl >= padded(cols)). With `limits`, register blocks outside every one of their rows' ranges
+/// are neither computed nor written: the caller masks those entries.
+template <class Scalar>
+void tile_logits(const Scalar* queries, Index ldq, Index rows, Index depth, const Scalar* keys_t,
+                 Index ldk, Index cols, Scalar* logits, Index ldl, ColumnLimits limits = {}) {
+  using Traits = TileKernelTraits<Scalar>;
+  constexpr Index block = Traits::logits_packets * Traits::width;
+  for (Index r0 = 0; r0 < rows; r0 += Traits::logits_rows) {
+    const auto [first, last] =
+        limits.span(r0, std::min<Index>(Traits::logits_rows, rows - r0), cols);
+    logits_row_block(queries, ldq, rows, r0, depth, keys_t, ldk, cols, first / block * block, last,
+                     logits, ldl);
   }
 }
 
 /// One step of tile_accumulate: NP packets of the output width starting at column `col`.
 template <class Scalar, int NP>
 void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols,
-                        const Scalar* values_p, Index ldv, Scalar* output, Index ldo, Index col) {
+                        const Scalar* values_p, Index ldv, Scalar* output, Index ldo, Index col,
+                        ColumnLimits limits) {
   using Traits = TileKernelTraits<Scalar>;
   using Packet = typename Traits::Packet;
   using namespace Eigen::internal;
@@ -178,12 +219,13 @@ void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols
     const Scalar* p[MR];
     for (int i = 0; i < MR; ++i) p[i] = weights + std::min<Index>(r0 + i, rows - 1) * ldw;
     const Index active_rows = std::min<Index>(MR, rows - r0);
+    const auto [first_c, last_c] = limits.span(r0, active_rows, cols);
     Packet acc[MR][NP];
     for (int i = 0; i < MR; ++i) {
       const Scalar* o = output + std::min<Index>(r0 + i, rows - 1) * ldo + col;
       for (int j = 0; j < NP; ++j) acc[i][j] = ploadu<Packet>(o + j * W);
     }
-    for (Index c = 0; c < cols; ++c) {
+    for (Index c = first_c; c < last_c; ++c) {
       const Scalar* v = values_p + c * ldv + col;
       Packet vp[NP];
       for (int j = 0; j < NP; ++j) vp[j] = ploadu<Packet>(v + j * W);
@@ -202,26 +244,32 @@ void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols
 
 /// output(r, :) += Σ_c weights(r, c) · values_p(c, :) for r < rows, c < cols.
 /// weights: rows × cols (row stride ldw); values_p: cols × width (row stride ldv); output: rows ×
-/// width (row stride ldo); width is a multiple of the packet width (padded).
+/// width (row stride ldo); width is a multiple of the packet width (padded). With `limits`, the
+/// weights outside a row's range must be 0 (they are not read).
 template <class Scalar>
 void tile_accumulate(const Scalar* weights, Index ldw, Index rows, Index cols,
-                     const Scalar* values_p, Index ldv, Index width, Scalar* output, Index ldo) {
+                     const Scalar* values_p, Index ldv, Index width, Scalar* output, Index ldo,
+                     ColumnLimits limits = {}) {
   using Traits = TileKernelTraits<Scalar>;
   constexpr Index W = Traits::width;
   constexpr int NP = Traits::output_packets;
   Index col = 0;
   for (; col + NP * W <= width; col += NP * W) {
-    accumulate_columns<Scalar, NP>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+    accumulate_columns<Scalar, NP>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
+                                   limits);
   }
   switch ((width - col) / W) {
     case 3:
-      accumulate_columns<Scalar, 3>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+      accumulate_columns<Scalar, 3>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
+                                    limits);
       break;
     case 2:
-      accumulate_columns<Scalar, 2>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+      accumulate_columns<Scalar, 2>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
+                                    limits);
       break;
     case 1:
-      accumulate_columns<Scalar, 1>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col);
+      accumulate_columns<Scalar, 1>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
+                                    limits);
       break;
     default:
       break;
