@@ -562,6 +562,21 @@ struct ResultSink {
   }
 };
 
+/// On a partial tile with consecutive keys, each row's allowed columns (in the workspace): they
+/// bound the work of both products, since the entries outside are masked to −inf and get weight
+/// 0. No limits on other tiles.
+template <class Scalar>
+ColumnLimits column_limits(const AttentionProblem<Scalar>& p, TileCoverage coverage, Positions qpos,
+                           Index key_first, Index cols, TileWorkspace<Scalar>& ws) {
+  if (coverage != TileCoverage::partial || !p.key_positions.empty()) return {};
+  for (std::size_t r = 0; r < qpos.size(); ++r) {
+    const auto [lo, hi] = allowed_columns(p.mask, qpos[r], key_first, cols);
+    ws.column_begin[r] = lo;
+    ws.column_end[r] = hi;
+  }
+  return {ws.column_begin.data(), ws.column_end.data()};
+}
+
 /// Bias, mask and online-softmax update for one head's finished score tile, then P·V.
 template <class Scalar, class Encoder>
 void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index h,
@@ -685,18 +700,7 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
             const Positions block_qpos = qpos.subspan(static_cast<std::size_t>(b * qb),
                                                       static_cast<std::size_t>(block_rows));
             auto scores = as_strided(ws.scores.data(), block_rows, cols, lds);
-            // On a partial tile with consecutive keys, each row's allowed columns bound the work
-            // of both products (the entries outside are masked to −inf, their weights are 0).
-            ColumnLimits limits;
-            if (coverage == TileCoverage::partial && p.key_positions.empty()) {
-              for (Index r = 0; r < block_rows; ++r) {
-                const auto [lo, hi] = allowed_columns(
-                    p.mask, block_qpos[static_cast<std::size_t>(r)], key_first, cols);
-                ws.column_begin[static_cast<std::size_t>(r)] = lo;
-                ws.column_end[static_cast<std::size_t>(r)] = hi;
-              }
-              limits = {ws.column_begin.data(), ws.column_end.data()};
-            }
+            const ColumnLimits limits = column_limits(p, coverage, block_qpos, key_first, cols, ws);
             tile_logits(queries.data(), p.logit_dim, block_rows, p.logit_dim, ws.keys_t.data(), ldk,
                         cols, scores.data(), lds, limits);
             if constexpr (RelativeKeyValue<Encoder>) {
@@ -771,10 +775,13 @@ void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
           }
           auto scores = as_matrix(ws.scores, 0, H, rows * cols);
           encoder.mix(qpos, kpos_ext, key_first - ext_first, cols, logits, scores);
+          // The mixer reads every logit (a convolution reads masked neighbours), so the limits
+          // bound P·V only.
+          const ColumnLimits limits = column_limits(p, coverage, qpos, key_first, cols, ws);
           for (Index h = 0; h < H; ++h) {
             auto head_scores = as_strided(scores.row(h).data(), rows, cols, cols);
             finish_tile(p, encoder, h, first, key_first, qpos, kpos, coverage, head_scores,
-                        states[static_cast<std::size_t>(h)], ws);
+                        states[static_cast<std::size_t>(h)], ws, limits);
           }
         }
         for (Index h = 0; h < H; ++h) sink.write(h, first, states[static_cast<std::size_t>(h)]);
