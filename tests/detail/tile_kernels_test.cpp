@@ -8,12 +8,22 @@
 
 #include <cmath>
 #include <limits>
+#include <random>
 #include <vector>
 
 #include "support/test_support.hpp"
 
 namespace posenc {
 namespace {
+
+/// A rows × cols matrix of standard normal draws.
+template <class Scalar>
+Matrix<Scalar> tile_normal_matrix(Index rows, Index cols, std::mt19937_64& rng) {
+  std::normal_distribution<double> normal;
+  Matrix<Scalar> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(normal(rng));
+  return m;
+}
 
 template <class Scalar>
 class TileKernelsTest : public ::testing::Test {};
@@ -24,12 +34,7 @@ TYPED_TEST(TileKernelsTest, LogitsAndAccumulateMatchEigenOnEveryRemainder) {
   using Traits = detail::TileKernelTraits<Scalar>;
   const Index W = Traits::width;
   auto rng = test::make_rng(41);
-  std::normal_distribution<double> normal;
-  const auto random = [&](Index r, Index c) {
-    Matrix<Scalar> m(r, c);
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(normal(rng));
-    return m;
-  };
+  const auto random = [&](Index r, Index c) { return tile_normal_matrix<Scalar>(r, c, rng); };
   // Every row count up to two register blocks, column counts around packet multiples.
   for (Index rows = 1; rows <= 2 * Traits::logits_rows + 1; ++rows) {
     for (const Index cols : {Index{1}, W - 1, W, W + 1, 2 * W + 3, 5 * W}) {
@@ -82,11 +87,7 @@ TYPED_TEST(TileKernelsTest, ColumnLimitsSkipOnlyBlocksOutsideEveryRowsRange) {
   const Index W = Traits::width;
   auto rng = test::make_rng(43);
   std::normal_distribution<double> normal;
-  const auto random = [&](Index r, Index c) {
-    Matrix<Scalar> m(r, c);
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<Scalar>(normal(rng));
-    return m;
-  };
+  const auto random = [&](Index r, Index c) { return tile_normal_matrix<Scalar>(r, c, rng); };
   for (const Index rows : {Index{1}, Index{7}, Index{3 * Traits::logits_rows + 1}}) {
     for (const Index cols : {Index{1}, 2 * W + 3, 6 * W}) {
       for (int pattern = 0; pattern < 3; ++pattern) {
