@@ -42,8 +42,9 @@ struct DapeWeights {
 
 namespace detail {
 
-/// Per-thread scratch of DapeNetwork::mix: one band of the bias and one chunk of the network's
-/// input, hidden layer and output. Bounded by the band and chunk sizes (never O(N)); each buffer
+/// Per-thread scratch of DapeNetwork::mix: one band of the bias (or, for a DistanceBias, its
+/// values and W1_B·B per distance of the tile) and one chunk of the network's input, hidden layer
+/// and output. Bounded by the band and chunk sizes (never O(N)); each buffer
 /// grows to the largest size seen, then serves every later tile of the thread.
 template <class T>
 struct DapeScratch {
