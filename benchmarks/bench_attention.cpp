@@ -29,8 +29,8 @@ using posenc::Mask;
 using posenc::NoPositionalEncoding;
 namespace bench = posenc::bench;
 
-constexpr Index kHeads = 8;
-constexpr Index kDim = 64;
+constexpr Index bench_heads = 8;
+constexpr Index head_dim = 64;
 
 template <class Scalar>
 const char* scalar_name() {
@@ -44,9 +44,10 @@ struct Shape {
   std::string mask_name;
 
   double useful_flops() const {
-    return bench::attention_flops(kHeads, kDim, kDim, bench::allowed_pairs(mask, n, n));
+    return bench::attention_flops(bench_heads, head_dim, head_dim,
+                                  bench::allowed_pairs(mask, n, n));
   }
-  bench::GemmPairShape ceiling() const { return {kHeads, n, n, kDim, kDim}; }
+  bench::GemmPairShape ceiling() const { return {bench_heads, n, n, head_dim, head_dim}; }
 };
 
 template <class Scalar>
@@ -79,7 +80,7 @@ void report_common(benchmark::State& state, const Shape& shape, int threads,
 template <class Scalar>
 void streaming(benchmark::State& state, const std::string& name, const Shape& shape, int threads,
                Index query_block, Index key_block) {
-  bench::AttentionInputs<Scalar> x(kHeads, shape.n, kDim);
+  bench::AttentionInputs<Scalar> x(bench_heads, shape.n, head_dim);
   const AttentionOptions options{
       .mask = shape.mask, .threads = threads, .query_block = query_block, .key_block = key_block};
   bench::gemm_pair_rate<Scalar>(shape.ceiling());  // measured before, not during
@@ -105,7 +106,7 @@ void streaming(benchmark::State& state, const std::string& name, const Shape& sh
 /// posenc::attention_reference (materialises every N × N score matrix); Eigen on one thread.
 template <class Scalar>
 void reference(benchmark::State& state, const Shape& shape) {
-  bench::AttentionInputs<Scalar> x(kHeads, shape.n, kDim);
+  bench::AttentionInputs<Scalar> x(bench_heads, shape.n, head_dim);
   const AttentionOptions options{.mask = shape.mask};
   bench::gemm_pair_rate<Scalar>(shape.ceiling());
   const bench::HeapPeak peak;
@@ -145,7 +146,7 @@ void ceiling(benchmark::State& state, const Shape& shape) {
 /// (H·N²·sizeof(Scalar)). retained_MiB: what the threads keep for their next call.
 template <class Scalar>
 void memory(benchmark::State& state, const Shape& shape, int threads) {
-  bench::AttentionInputs<Scalar> x(kHeads, shape.n, kDim);
+  bench::AttentionInputs<Scalar> x(bench_heads, shape.n, head_dim);
   const AttentionOptions options{.mask = shape.mask, .threads = threads};
   const bench::ColdCallHeap cold = bench::cold_call_heap(
       [&] { posenc::attention(x.q, x.k, x.v, NoPositionalEncoding{}, x.out.view(), options); });
@@ -158,7 +159,7 @@ void memory(benchmark::State& state, const Shape& shape, int threads) {
   if (!x.out.flat().allFinite()) state.SkipWithError("non-finite output");
   const double n = static_cast<double>(shape.n);
   const double scores_mib =
-      static_cast<double>(kHeads) * n * n * sizeof(Scalar) / (1024.0 * 1024.0);
+      static_cast<double>(bench_heads) * n * n * sizeof(Scalar) / (1024.0 * 1024.0);
   bench::report_flops(state, shape.useful_flops());
   bench::report_peak_extra(state, cold.peak_extra_mib);
   bench::report_steady_extra(state, peak);

@@ -26,9 +26,9 @@ namespace {
 using posenc::Heads;
 using posenc::Index;
 
-constexpr Index kHeads = 8;
-constexpr Index kTokens = 4096;
-constexpr Index kDim = 64;
+constexpr Index bench_heads = 8;
+constexpr Index bench_tokens = 4096;
+constexpr Index head_dim = 64;
 
 struct Inputs {
   Heads<float> q, k, v;
@@ -38,8 +38,9 @@ const Inputs& inputs() {
   static const Inputs x = [] {
     std::mt19937_64 rng(20261123);
     std::normal_distribution<float> normal;
-    Inputs in{Heads<float>(kHeads, kTokens, kDim), Heads<float>(kHeads, kTokens, kDim),
-              Heads<float>(kHeads, kTokens, kDim)};
+    Inputs in{Heads<float>(bench_heads, bench_tokens, head_dim),
+              Heads<float>(bench_heads, bench_tokens, head_dim),
+              Heads<float>(bench_heads, bench_tokens, head_dim)};
     for (Heads<float>* h : {&in.q, &in.k, &in.v}) {
       for (Index i = 0; i < h->flat().size(); ++i) h->flat()[i] = normal(rng);
     }
@@ -78,7 +79,7 @@ Timing time_one(const Encoder& encoder, Heads<float>& out, int threads) {
 template <class Encoder>
 void attention_with(benchmark::State& state, const Encoder& encoder) {
   const int threads = static_cast<int>(state.range(0));
-  Heads<float> out(kHeads, kTokens, kDim);
+  Heads<float> out(bench_heads, bench_tokens, head_dim);
   constexpr double infinity = std::numeric_limits<double>::infinity();
   Timing best{infinity, infinity};
   Timing best_nope{infinity, infinity};
@@ -93,55 +94,55 @@ void attention_with(benchmark::State& state, const Encoder& encoder) {
   if (!out.flat().allFinite()) state.SkipWithError("non-finite attention output");
   state.counters["x_nope"] = best.wall / best_nope.wall;
   state.counters["x_nope_cpu"] = best.cpu / best_nope.cpu;
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kTokens),
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(bench_tokens),
                                                   benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void nope(benchmark::State& state) { attention_with(state, posenc::NoPositionalEncoding{}); }
 
-void alibi(benchmark::State& state) { attention_with(state, posenc::Alibi<float>(kHeads)); }
+void alibi(benchmark::State& state) { attention_with(state, posenc::Alibi<float>(bench_heads)); }
 
 void t5(benchmark::State& state) {
   std::mt19937_64 rng(1);
-  attention_with(state, posenc::T5RelativeBias<float>::random(kHeads, 1.0 / 32.0, rng,
+  attention_with(state, posenc::T5RelativeBias<float>::random(bench_heads, 1.0 / 32.0, rng,
                                                               {.bidirectional = false}));
 }
 
 void kerple_log(benchmark::State& state) {
   std::mt19937_64 rng(2);
-  attention_with(state, posenc::Kerple<float>::random(posenc::KerpleKernel::log, kHeads, rng));
+  attention_with(state, posenc::Kerple<float>::random(posenc::KerpleKernel::log, bench_heads, rng));
 }
 
 void fire(benchmark::State& state) {
   std::mt19937_64 rng(3);
-  attention_with(state, posenc::Fire<float>::random(kHeads, 32, rng));
+  attention_with(state, posenc::Fire<float>::random(bench_heads, 32, rng));
 }
 
 void fire_dape(benchmark::State& state) {
   std::mt19937_64 rng(4);
   attention_with(state,
-                 posenc::Fire<float>::random(kHeads, 32, rng, posenc::FireOptions::dape(128)));
+                 posenc::Fire<float>::random(bench_heads, 32, rng, posenc::FireOptions::dape(128)));
 }
 
 /// One bias tile (128 × 128, consecutive positions, all heads in turn): the cost the kernel
 /// pays per tile for the bias, as elements per second.
 template <class Encoder>
 void tile_with(benchmark::State& state, const Encoder& encoder) {
-  constexpr Index kTile = 128;
-  std::vector<Index> queries(kTile);
-  std::vector<Index> keys(kTile);
-  for (Index r = 0; r < kTile; ++r) {
+  constexpr Index tile_size = 128;
+  std::vector<Index> queries(tile_size);
+  std::vector<Index> keys(tile_size);
+  for (Index r = 0; r < tile_size; ++r) {
     queries[static_cast<std::size_t>(r)] = 2048 + r;
     keys[static_cast<std::size_t>(r)] = 1920 + r;
   }
-  posenc::Matrix<float> tile = posenc::Matrix<float>::Zero(kTile, kTile);
+  posenc::Matrix<float> tile = posenc::Matrix<float>::Zero(tile_size, tile_size);
   Index head = 0;
   for (auto _ : state) {
     encoder.add_bias(head, queries, keys, tile);
     benchmark::DoNotOptimize(tile.data());
-    head = (head + 1) % kHeads;
+    head = (head + 1) % bench_heads;
   }
-  state.counters["elements/s"] = benchmark::Counter(static_cast<double>(kTile * kTile),
+  state.counters["elements/s"] = benchmark::Counter(static_cast<double>(tile_size * tile_size),
                                                     benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -149,23 +150,24 @@ void arguments(benchmark::internal::Benchmark* b) {
   b->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
-void tile_alibi(benchmark::State& state) { tile_with(state, posenc::Alibi<float>(kHeads)); }
+void tile_alibi(benchmark::State& state) { tile_with(state, posenc::Alibi<float>(bench_heads)); }
 void tile_t5(benchmark::State& state) {
   std::mt19937_64 rng(1);
-  tile_with(state, posenc::T5RelativeBias<float>::random(kHeads, 1.0 / 32.0, rng,
+  tile_with(state, posenc::T5RelativeBias<float>::random(bench_heads, 1.0 / 32.0, rng,
                                                          {.bidirectional = false}));
 }
 void tile_kerple_log(benchmark::State& state) {
   std::mt19937_64 rng(2);
-  tile_with(state, posenc::Kerple<float>::random(posenc::KerpleKernel::log, kHeads, rng));
+  tile_with(state, posenc::Kerple<float>::random(posenc::KerpleKernel::log, bench_heads, rng));
 }
 void tile_fire(benchmark::State& state) {
   std::mt19937_64 rng(3);
-  tile_with(state, posenc::Fire<float>::random(kHeads, 32, rng));
+  tile_with(state, posenc::Fire<float>::random(bench_heads, 32, rng));
 }
 void tile_fire_dape(benchmark::State& state) {
   std::mt19937_64 rng(4);
-  tile_with(state, posenc::Fire<float>::random(kHeads, 32, rng, posenc::FireOptions::dape(128)));
+  tile_with(state,
+            posenc::Fire<float>::random(bench_heads, 32, rng, posenc::FireOptions::dape(128)));
 }
 
 BENCHMARK(tile_alibi);

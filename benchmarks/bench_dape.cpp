@@ -36,16 +36,16 @@ namespace {
 using posenc::Heads;
 using posenc::Index;
 
-constexpr Index kHeads = 8;
-constexpr Index kDim = 64;
-constexpr Index kWidth = 32;  // D_DAPE, as in every released config
+constexpr Index bench_heads = 8;
+constexpr Index head_dim = 64;
+constexpr Index dape_width = 32;  // D_DAPE, as in every released config
 
 using DapeKerple = posenc::Dape<float, posenc::Kerple<float>>;
 
 DapeKerple make_dape() {
   std::mt19937_64 rng(5);
-  return DapeKerple::random(posenc::Kerple<float>::random(posenc::KerpleKernel::log, kHeads, rng),
-                            kWidth, rng);
+  return DapeKerple::random(
+      posenc::Kerple<float>::random(posenc::KerpleKernel::log, bench_heads, rng), dape_width, rng);
 }
 
 struct Inputs {
@@ -55,8 +55,9 @@ struct Inputs {
 Inputs make_inputs(Index tokens) {
   std::mt19937_64 rng(20261123);
   std::normal_distribution<float> normal;
-  Inputs in{Heads<float>(kHeads, tokens, kDim), Heads<float>(kHeads, tokens, kDim),
-            Heads<float>(kHeads, tokens, kDim)};
+  Inputs in{Heads<float>(bench_heads, tokens, head_dim),
+            Heads<float>(bench_heads, tokens, head_dim),
+            Heads<float>(bench_heads, tokens, head_dim)};
   for (Heads<float>* h : {&in.q, &in.k, &in.v}) {
     for (Index i = 0; i < h->flat().size(); ++i) h->flat()[i] = normal(rng);
   }
@@ -98,7 +99,7 @@ Timing time_one(const Run& run) {
 /// A (H planes), the tiled bias (H), the concatenation (2H), its channel-last copy (2H), the
 /// hidden layer before and after the activation (2W), the output (H): 7H + 2W planes.
 double reference_footprint_bytes(Index tokens) {
-  const double planes = static_cast<double>(7 * kHeads + 2 * kWidth);
+  const double planes = static_cast<double>(7 * bench_heads + 2 * dape_width);
   return planes * static_cast<double>(tokens) * static_cast<double>(tokens) * sizeof(float);
 }
 
@@ -108,7 +109,7 @@ void against_nope(benchmark::State& state, const Run& run) {
   const Index tokens = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const Inputs& in = inputs(tokens);
-  Heads<float> out(kHeads, tokens, kDim);
+  Heads<float> out(bench_heads, tokens, head_dim);
   constexpr double infinity = std::numeric_limits<double>::infinity();
   Timing best{infinity, infinity};
   Timing best_nope{infinity, infinity};
@@ -162,51 +163,53 @@ void dape_reference(benchmark::State& state) {
 void dape_alibi(benchmark::State& state) {
   std::mt19937_64 rng(6);
   streaming(state, posenc::Dape<float, posenc::Alibi<float>>::random(
-                       posenc::Alibi<float>(kHeads, posenc::BiasForm::causal,
+                       posenc::Alibi<float>(bench_heads, posenc::BiasForm::causal,
                                             posenc::AlibiSlopes::float32),
-                       kWidth, rng));
+                       dape_width, rng));
 }
 
 void dape_fire(benchmark::State& state) {
   std::mt19937_64 rng(7);
-  auto fire = posenc::Fire<float>::random(kHeads, kWidth, rng, posenc::FireOptions::dape(128));
-  streaming(state, posenc::Dape<float, posenc::Fire<float>>::random(fire, kWidth, rng));
+  auto fire =
+      posenc::Fire<float>::random(bench_heads, dape_width, rng, posenc::FireOptions::dape(128));
+  streaming(state, posenc::Dape<float, posenc::Fire<float>>::random(fire, dape_width, rng));
 }
 
 void dape_v2_conv3(benchmark::State& state) {
   std::mt19937_64 rng(8);
   streaming(state, posenc::DapeV2<float, posenc::Kerple<float>>::random(
-                       posenc::Kerple<float>::random(posenc::KerpleKernel::log, kHeads, rng),
-                       kWidth, 3, rng));
+                       posenc::Kerple<float>::random(posenc::KerpleKernel::log, bench_heads, rng),
+                       dape_width, 3, rng));
 }
 
 /// The network alone on one 128 × 128 tile of all heads (consecutive positions), as the kernel
 /// calls it; GFLOP/s of its 3·H·W multiply-adds per pair.
 void mix_tile(benchmark::State& state) {
-  constexpr Index kTile = 128;
+  constexpr Index tile_size = 128;
   const DapeKerple encoder = make_dape();
-  std::vector<Index> queries(kTile);
-  std::vector<Index> keys(kTile);
-  for (Index r = 0; r < kTile; ++r) {
+  std::vector<Index> queries(tile_size);
+  std::vector<Index> keys(tile_size);
+  for (Index r = 0; r < tile_size; ++r) {
     queries[static_cast<std::size_t>(r)] = 2048 + r;
     keys[static_cast<std::size_t>(r)] = 1920 + r;
   }
   std::mt19937_64 rng(9);
   std::normal_distribution<float> normal;
-  posenc::Matrix<float> logits(kHeads, kTile * kTile);
+  posenc::Matrix<float> logits(bench_heads, tile_size * tile_size);
   for (Index i = 0; i < logits.size(); ++i) logits.data()[i] = normal(rng);
-  posenc::Matrix<float> scores(kHeads, kTile * kTile);
+  posenc::Matrix<float> scores(bench_heads, tile_size * tile_size);
   for (auto _ : state) {
-    encoder.mix(queries, keys, 0, kTile, logits, scores);
+    encoder.mix(queries, keys, 0, tile_size, logits, scores);
     benchmark::DoNotOptimize(scores.data());
   }
-  state.counters["GFLOP"] = benchmark::Counter(2.0 * 3.0 * kHeads * kWidth * kTile * kTile * 1e-9,
-                                               benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP"] =
+      benchmark::Counter(2.0 * 3.0 * bench_heads * dape_width * tile_size * tile_size * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // --- Peak memory, measured in a fresh process -------------------------------------------------
 
-constexpr std::string_view kPeakFlag = "--posenc_peak_memory=";
+constexpr std::string_view peak_flag = "--posenc_peak_memory=";
 
 long max_rss_bytes() {
   rusage usage{};
@@ -218,7 +221,7 @@ long max_rss_bytes() {
 /// all threads; prints the growth of the peak resident set during the call.
 int measure_peak(std::string_view what, Index tokens) {
   const Inputs in = make_inputs(tokens);
-  Heads<float> out(kHeads, tokens, kDim);
+  Heads<float> out(bench_heads, tokens, head_dim);
   const long before = max_rss_bytes();
   const auto start = std::chrono::steady_clock::now();
   if (what == "dape") {
@@ -242,7 +245,7 @@ void peak_memory(benchmark::State& state, const char* what) {
     return;
   }
   const std::string command = std::string(self.data(), static_cast<std::size_t>(length)) + " " +
-                              std::string(kPeakFlag) + what + "," + std::to_string(tokens);
+                              std::string(peak_flag) + what + "," + std::to_string(tokens);
   long extra = 0;
   long baseline = 0;
   double seconds = 0.0;
@@ -258,7 +261,7 @@ void peak_memory(benchmark::State& state, const char* what) {
   constexpr double mib = 1 << 20;
   state.counters["extra_MiB"] = static_cast<double>(extra) / mib;
   state.counters["inputs_output_MiB"] =
-      static_cast<double>(4 * kHeads * tokens * kDim) * sizeof(float) / mib;
+      static_cast<double>(4 * bench_heads * tokens * head_dim) * sizeof(float) / mib;
   state.counters["child_seconds"] = seconds;
   state.counters["authors_NxN_GiB"] = reference_footprint_bytes(tokens) / (1024.0 * mib);
 }
@@ -305,8 +308,8 @@ BENCHMARK(peak_memory_dape)->ArgName("N")->Arg(32768)->Iterations(1)->Unit(bench
 
 int main(int argc, char** argv) {
   // The peak-memory child: `--posenc_peak_memory=dape,32768`.
-  if (argc == 2 && std::string_view(argv[1]).starts_with(kPeakFlag)) {
-    const std::string_view spec = std::string_view(argv[1]).substr(kPeakFlag.size());
+  if (argc == 2 && std::string_view(argv[1]).starts_with(peak_flag)) {
+    const std::string_view spec = std::string_view(argv[1]).substr(peak_flag.size());
     const std::size_t comma = spec.find(',');
     if (comma == std::string_view::npos) return 2;
     return measure_peak(spec.substr(0, comma),

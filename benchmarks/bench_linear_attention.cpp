@@ -19,9 +19,9 @@ namespace {
 using posenc::Heads;
 using posenc::Index;
 
-constexpr Index kHeads = 8;
-constexpr Index kDim = 64;
-constexpr Index kRealizations = 64;  // SPE's R (every experiment of the reference uses 64)
+constexpr Index bench_heads = 8;
+constexpr Index head_dim = 64;
+constexpr Index realizations = 64;  // SPE's R (every experiment of the reference uses 64)
 
 Heads<float> random_heads(Index heads, Index rows, Index dim, std::uint64_t seed) {
   Heads<float> x(heads, rows, dim);
@@ -34,9 +34,9 @@ Heads<float> random_heads(Index heads, Index rows, Index dim, std::uint64_t seed
 struct Inputs {
   Heads<float> q, k, v;
   explicit Inputs(Index n)
-      : q(random_heads(kHeads, n, kDim, 1)),
-        k(random_heads(kHeads, n, kDim, 2)),
-        v(random_heads(kHeads, n, kDim, 3)) {}
+      : q(random_heads(bench_heads, n, head_dim, 1)),
+        k(random_heads(bench_heads, n, head_dim, 2)),
+        v(random_heads(bench_heads, n, head_dim, 3)) {}
 };
 
 void set_rates(benchmark::State& state, Index n, double flops_per_call) {
@@ -52,13 +52,15 @@ void BM_SoftmaxCausal(benchmark::State& state) {
   const Index n = state.range(0);
   const auto threads = static_cast<int>(state.range(1));
   const Inputs x(n);
-  Heads<float> out(kHeads, n, kDim);  // allocated once: large fresh buffers would time page faults
+  Heads<float> out(bench_heads, n,
+                   head_dim);  // allocated once: large fresh buffers would time page faults
   for (auto _ : state) {
     posenc::attention(x.q, x.k, x.v, posenc::NoPositionalEncoding{}, out.view(),
                       {.threads = threads});
     benchmark::DoNotOptimize(out.data());
   }
-  set_rates(state, n, 2.0 * kHeads * static_cast<double>(n) * static_cast<double>(n) * kDim);
+  set_rates(state, n,
+            2.0 * bench_heads * static_cast<double>(n) * static_cast<double>(n) * head_dim);
 }
 
 /// Causal linear attention, chunks of 64: per row 4·F·Dv (state read + update) and
@@ -68,21 +70,21 @@ void linear_causal(benchmark::State& state, const Map& map, Index features) {
   const Index n = state.range(0);
   const auto threads = static_cast<int>(state.range(1));
   const Inputs x(n);
-  Heads<float> out(kHeads, n, kDim);
+  Heads<float> out(bench_heads, n, head_dim);
   for (auto _ : state) {
     posenc::linear_attention(x.q, x.k, x.v, map, posenc::NoPositionalEncoding{}, out.view(),
                              {.threads = threads});
     benchmark::DoNotOptimize(out.data());
   }
-  const double per_row = 4.0 * features * kDim + 2.0 * 64 * (features + kDim);
-  set_rates(state, n, kHeads * static_cast<double>(n) * per_row);
+  const double per_row = 4.0 * features * head_dim + 2.0 * 64 * (features + head_dim);
+  set_rates(state, n, bench_heads * static_cast<double>(n) * per_row);
 }
 
 void BM_LinearCausalEluPlusOne(benchmark::State& state) {
-  linear_causal(state, posenc::EluPlusOne{}, kDim);
+  linear_causal(state, posenc::EluPlusOne{}, head_dim);
 }
 void BM_LinearCausalFavor256(benchmark::State& state) {
-  linear_causal(state, posenc::Favor<float>(kDim, 256, 7), 256);
+  linear_causal(state, posenc::Favor<float>(head_dim, 256, 7), 256);
 }
 
 /// One decoding step (H heads, one token) after `range(0)` tokens of prompt: constant in the
@@ -121,12 +123,12 @@ void BM_SoftmaxDecodeStep(benchmark::State& state) {
 /// filtering with a position-independent code).
 void BM_ProjectionGemm(benchmark::State& state) {
   const Index n = state.range(0);
-  const Heads<float> q = random_heads(kHeads, n, kDim, 1);
-  const posenc::Matrix<float> w = posenc::Matrix<float>::Random(kDim, kRealizations);
-  Heads<float> out(kHeads, n, kRealizations);
+  const Heads<float> q = random_heads(bench_heads, n, head_dim, 1);
+  const posenc::Matrix<float> w = posenc::Matrix<float>::Random(head_dim, realizations);
+  Heads<float> out(bench_heads, n, realizations);
   Eigen::setNbThreads(1);  // one thread, as the SPE benchmarks
   for (auto _ : state) {
-    for (Index h = 0; h < kHeads; ++h) out.head(h).noalias() = q.head(h) * w;
+    for (Index h = 0; h < bench_heads; ++h) out.head(h).noalias() = q.head(h) * w;
     benchmark::DoNotOptimize(out.data());
   }
   Eigen::setNbThreads(0);  // back to OpenMP's default
@@ -138,8 +140,9 @@ void BM_ProjectionGemm(benchmark::State& state) {
 void BM_SineSpeFilter(benchmark::State& state) {
   const Index n = state.range(0);
   const Inputs x(n);
-  const posenc::SineSpe<float> spe(posenc::SineSpeParameters<float>::initial(kHeads, kDim, 10, 1),
-                                   kRealizations, 2, posenc::Matrix<float>::Zero(kHeads, kDim));
+  const posenc::SineSpe<float> spe(
+      posenc::SineSpeParameters<float>::initial(bench_heads, head_dim, 10, 1), realizations, 2,
+      posenc::Matrix<float>::Zero(bench_heads, head_dim));
   for (auto _ : state) {
     auto q_hat = spe.filter_queries(x.q, 0, 1);
     auto k_hat = spe.filter_keys(x.k, 0, 1);
@@ -155,8 +158,9 @@ void BM_SineSpeFilter(benchmark::State& state) {
 void BM_ConvSpeFilter(benchmark::State& state) {
   const Index n = state.range(0);
   const Inputs x(n);
-  const posenc::ConvSpe<float> spe(posenc::ConvSpeParameters<float>::initial(kHeads, kDim, 128, 1),
-                                   kRealizations, 2, posenc::Matrix<float>::Zero(kHeads, kDim));
+  const posenc::ConvSpe<float> spe(
+      posenc::ConvSpeParameters<float>::initial(bench_heads, head_dim, 128, 1), realizations, 2,
+      posenc::Matrix<float>::Zero(bench_heads, head_dim));
   for (auto _ : state) {
     auto q_hat = spe.filter_queries(x.q, 0, 1);
     auto k_hat = spe.filter_keys(x.k, 0, 1);
@@ -171,10 +175,11 @@ void BM_ConvSpeFilter(benchmark::State& state) {
 void BM_LinearCausalFavorSineSpe(benchmark::State& state) {
   const Index n = state.range(0);
   const Inputs x(n);
-  const posenc::SineSpe<float> spe(posenc::SineSpeParameters<float>::initial(kHeads, kDim, 10, 1),
-                                   kRealizations, 2, posenc::Matrix<float>::Zero(kHeads, kDim));
-  const posenc::Favor<float> favor(kRealizations, 256, 7);
-  Heads<float> out(kHeads, n, kDim);
+  const posenc::SineSpe<float> spe(
+      posenc::SineSpeParameters<float>::initial(bench_heads, head_dim, 10, 1), realizations, 2,
+      posenc::Matrix<float>::Zero(bench_heads, head_dim));
+  const posenc::Favor<float> favor(realizations, 256, 7);
+  Heads<float> out(bench_heads, n, head_dim);
   for (auto _ : state) {
     posenc::linear_attention(x.q, x.k, x.v, favor, spe, out.view(), {.threads = 1});
     benchmark::DoNotOptimize(out.data());
@@ -190,9 +195,10 @@ void BM_SoftmaxCausalSineSpe(benchmark::State& state) {
   const Index n = state.range(0);
   const bool prefilter = state.range(1) != 0;
   const Inputs x(n);
-  const posenc::SineSpe<float> spe(posenc::SineSpeParameters<float>::initial(kHeads, kDim, 10, 1),
-                                   kRealizations, 2, posenc::Matrix<float>::Zero(kHeads, kDim));
-  Heads<float> out(kHeads, n, kDim);
+  const posenc::SineSpe<float> spe(
+      posenc::SineSpeParameters<float>::initial(bench_heads, head_dim, 10, 1), realizations, 2,
+      posenc::Matrix<float>::Zero(bench_heads, head_dim));
+  Heads<float> out(bench_heads, n, head_dim);
   for (auto _ : state) {
     if (prefilter) {
       const Heads<float> q_hat = spe.filter_queries(x.q, 0, 1);

@@ -35,9 +35,9 @@
 namespace posenc::bench {
 namespace {
 
-constexpr Index kHeads = 8;
-constexpr Index kDim = 64;
-constexpr Index kDapeWidth = 32;
+constexpr Index bench_heads = 8;
+constexpr Index head_dim = 64;
+constexpr Index dape_width = 32;
 
 /// Single-thread FMA throughput in GFLOP/s: 12 independent chains of packet FMAs (enough to
 /// cover the FMA latency × throughput of current x86 cores), long enough to dwarf loop overhead.
@@ -105,16 +105,17 @@ std::vector<Entry> entries() {
   std::mt19937_64 rng(2026);
   std::vector<Entry> list;
   list.push_back(entry("NoPE", NoPositionalEncoding{}));
-  list.push_back(entry("ALiBi", Alibi<float>(kHeads)));
-  list.push_back(entry("RoPE", RotaryEncoding<float>(kDim)));
-  list.push_back(entry("XPos", XPosEncoding<float>(kDim)));
+  list.push_back(entry("ALiBi", Alibi<float>(bench_heads)));
+  list.push_back(entry("RoPE", RotaryEncoding<float>(head_dim)));
+  list.push_back(entry("XPos", XPosEncoding<float>(head_dim)));
   list.push_back(
-      entry("T5", T5RelativeBias<float>::random(kHeads, 0.1, rng, {.bidirectional = false})));
-  list.push_back(entry("KERPLE-log", Kerple<float>::random(KerpleKernel::log, kHeads, rng)));
-  list.push_back(entry("FIRE", Fire<float>::random(kHeads, 32, rng)));
-  list.push_back(entry(
-      "DAPE-KERPLE", Dape<float, Kerple<float>>::random(
-                         Kerple<float>::random(KerpleKernel::log, kHeads, rng), kDapeWidth, rng)));
+      entry("T5", T5RelativeBias<float>::random(bench_heads, 0.1, rng, {.bidirectional = false})));
+  list.push_back(entry("KERPLE-log", Kerple<float>::random(KerpleKernel::log, bench_heads, rng)));
+  list.push_back(entry("FIRE", Fire<float>::random(bench_heads, 32, rng)));
+  list.push_back(
+      entry("DAPE-KERPLE",
+            Dape<float, Kerple<float>>::random(
+                Kerple<float>::random(KerpleKernel::log, bench_heads, rng), dape_width, rng)));
   return list;
 }
 
@@ -137,7 +138,7 @@ double current_rss_mib() {
 /// Child mode: one call of entry `name` at N tokens and `threads` threads in this fresh process;
 /// prints "<peak RSS MiB> <RSS after inputs MiB>".
 int rss_probe(const std::string& name, Index n, int threads) {
-  AttentionInputs<float> in(kHeads, n, kDim);
+  AttentionInputs<float> in(bench_heads, n, head_dim);
   in.out.flat().setZero();  // touched: inputs and output are resident before the call
   const double before = current_rss_mib();
   for (const Entry& e : entries()) {
@@ -191,8 +192,9 @@ int run_report(const char* self, bool quick, const std::string& out_path) {
            "2 threads ÷ 1 | peak RSS (MiB) | beyond inputs+output (MiB) |\n"
         << "|---|---|---|---|---|---|---|---|---|---|\n";
   for (const Index n : lengths) {
-    AttentionInputs<float> in(kHeads, n, kDim);
-    const double flops = attention_flops(kHeads, kDim, kDim, allowed_pairs(Mask::causal(), n, n));
+    AttentionInputs<float> in(bench_heads, n, head_dim);
+    const double flops =
+        attention_flops(bench_heads, head_dim, head_dim, allowed_pairs(Mask::causal(), n, n));
     const double min_seconds = quick ? 0.05 : 0.3;
     const int reps = n >= 32768 ? 1 : 3;
     std::map<std::pair<std::string, int>, double> seconds;

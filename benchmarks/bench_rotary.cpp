@@ -29,15 +29,15 @@ Heads<Scalar> random_heads(Index heads, Index rows, Index dim, unsigned seed) {
   return x;
 }
 
-constexpr Index kRows = 4096;
-constexpr Index kDim = 64;
+constexpr Index tile_rows = 4096;
+constexpr Index head_dim = 64;
 
 // ---- transform throughput (one key tile per call, as the kernel does) ----------------------
 
 template <class Scalar>
 void BM_CopyBaseline(benchmark::State& state) {
-  const Matrix<Scalar> in = random_heads<Scalar>(1, kRows, kDim, 1).head(0);
-  Matrix<Scalar> out(kRows, kDim);
+  const Matrix<Scalar> in = random_heads<Scalar>(1, tile_rows, head_dim, 1).head(0);
+  Matrix<Scalar> out(tile_rows, head_dim);
   for (auto _ : state) {
     std::memcpy(out.data(), in.data(), sizeof(Scalar) * static_cast<std::size_t>(in.size()));
     benchmark::DoNotOptimize(out.data());
@@ -50,10 +50,10 @@ void BM_CopyBaseline(benchmark::State& state) {
 template <class Encoder>
 void BM_TransformKeys(benchmark::State& state, Encoder encoder) {
   using Scalar = typename Encoder::Scalar;
-  const Matrix<Scalar> in = random_heads<Scalar>(1, kRows, kDim, 1).head(0);
-  Matrix<Scalar> out(kRows, kDim);
-  std::vector<Index> positions(static_cast<std::size_t>(kRows));
-  for (Index r = 0; r < kRows; ++r) positions[static_cast<std::size_t>(r)] = r;
+  const Matrix<Scalar> in = random_heads<Scalar>(1, tile_rows, head_dim, 1).head(0);
+  Matrix<Scalar> out(tile_rows, head_dim);
+  std::vector<Index> positions(static_cast<std::size_t>(tile_rows));
+  for (Index r = 0; r < tile_rows; ++r) positions[static_cast<std::size_t>(r)] = r;
   encoder.transform_keys(0, positions, 0, in, out);  // fills the cos/sin caches
   for (auto _ : state) {
     encoder.transform_keys(0, positions, 0, in, out);
@@ -65,12 +65,12 @@ void BM_TransformKeys(benchmark::State& state, Encoder encoder) {
 }
 
 BENCHMARK(BM_CopyBaseline<float>)->Name("Transform/memcpy/float");
-BENCHMARK_CAPTURE(BM_TransformKeys, rope_interleaved, posenc::RotaryEncoding<float>(kDim))
+BENCHMARK_CAPTURE(BM_TransformKeys, rope_interleaved, posenc::RotaryEncoding<float>(head_dim))
     ->Name("Transform/rope_interleaved/float");
 BENCHMARK_CAPTURE(BM_TransformKeys, rope_half,
-                  posenc::RotaryEncoding<float>(kDim, {.pairing = posenc::RotaryPairing::half}))
+                  posenc::RotaryEncoding<float>(head_dim, {.pairing = posenc::RotaryPairing::half}))
     ->Name("Transform/rope_half/float");
-BENCHMARK_CAPTURE(BM_TransformKeys, xpos, posenc::XPosEncoding<float>(kDim))
+BENCHMARK_CAPTURE(BM_TransformKeys, xpos, posenc::XPosEncoding<float>(head_dim))
     ->Name("Transform/xpos/float");
 
 // ---- attention: NoPE vs RoPE vs XPos ------------------------------------------------------
@@ -81,10 +81,10 @@ void BM_Attention(benchmark::State& state, Encoder encoder) {
   const Index n = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const Index heads = 8;
-  const auto q = random_heads<Scalar>(heads, n, kDim, 1);
-  const auto k = random_heads<Scalar>(heads, n, kDim, 2);
-  const auto v = random_heads<Scalar>(heads, n, kDim, 3);
-  Heads<Scalar> out(heads, n, kDim);
+  const auto q = random_heads<Scalar>(heads, n, head_dim, 1);
+  const auto k = random_heads<Scalar>(heads, n, head_dim, 2);
+  const auto v = random_heads<Scalar>(heads, n, head_dim, 3);
+  Heads<Scalar> out(heads, n, head_dim);
   const posenc::AttentionOptions options{.threads = threads};
   posenc::attention(q, k, v, encoder, out.view(), options);  // warm caches
   for (auto _ : state) {
@@ -92,7 +92,7 @@ void BM_Attention(benchmark::State& state, Encoder encoder) {
     benchmark::DoNotOptimize(out.data());
   }
   // Causal: ~N²/2 logits per head, 2·D flops each for q·k and for p·v.
-  const double flops = 4.0 * static_cast<double>(kDim) * static_cast<double>(heads) *
+  const double flops = 4.0 * static_cast<double>(head_dim) * static_cast<double>(heads) *
                        static_cast<double>(n) * static_cast<double>(n + 1) / 2.0;
   state.counters["GFLOP/s"] =
       benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
@@ -107,10 +107,10 @@ void attention_args(benchmark::internal::Benchmark* b) {
 BENCHMARK_CAPTURE(BM_Attention, nope, posenc::NoPositionalEncoding{})
     ->Name("Attention/nope")
     ->Apply(attention_args);
-BENCHMARK_CAPTURE(BM_Attention, rope, posenc::RotaryEncoding<float>(kDim))
+BENCHMARK_CAPTURE(BM_Attention, rope, posenc::RotaryEncoding<float>(head_dim))
     ->Name("Attention/rope")
     ->Apply(attention_args);
-BENCHMARK_CAPTURE(BM_Attention, xpos, posenc::XPosEncoding<float>(kDim))
+BENCHMARK_CAPTURE(BM_Attention, xpos, posenc::XPosEncoding<float>(head_dim))
     ->Name("Attention/xpos")
     ->Apply(attention_args);
 
@@ -120,11 +120,11 @@ void BM_Blockwise(benchmark::State& state, posenc::Mask mask) {
   using Scalar = float;
   const Index n = 16384;
   const Index heads = 2;
-  const auto q = random_heads<Scalar>(heads, n, kDim, 1);
-  const auto k = random_heads<Scalar>(heads, n, kDim, 2);
-  const auto v = random_heads<Scalar>(heads, n, kDim, 3);
-  Heads<Scalar> out(heads, n, kDim);
-  const posenc::XPosEncoding<Scalar> xpos(kDim);
+  const auto q = random_heads<Scalar>(heads, n, head_dim, 1);
+  const auto k = random_heads<Scalar>(heads, n, head_dim, 2);
+  const auto v = random_heads<Scalar>(heads, n, head_dim, 3);
+  Heads<Scalar> out(heads, n, head_dim);
+  const posenc::XPosEncoding<Scalar> xpos(head_dim);
   const posenc::AttentionOptions options{.mask = mask, .threads = static_cast<int>(state.range(0))};
   for (auto _ : state) {
     posenc::attention(q, k, v, xpos, out.view(), options);

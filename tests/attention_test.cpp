@@ -117,11 +117,11 @@ TYPED_TEST(AttentionTest, TasksThatShareKeyTilesMatchReference) {
   // packing; with eight threads there are too few tasks for that and each takes one block.
   // Nine blocks of 7 rows leave a short last group, and the masks, positions and segments
   // make some blocks of a group skip a key tile that the group as a whole needs.
-  ASSERT_EQ(detail::blocks_per_task(3, 9, 1), 4);
+  ASSERT_EQ(kernel::blocks_per_task(3, 9, 1), 4);
 #ifdef _OPENMP
-  ASSERT_EQ(detail::blocks_per_task(3, 9, 8), 1);
+  ASSERT_EQ(kernel::blocks_per_task(3, 9, 8), 1);
 #endif
-  ASSERT_EQ(detail::blocks_per_task(1, 3, 1), 2);
+  ASSERT_EQ(kernel::blocks_per_task(1, 3, 1), 2);
   const Shape shape{3, 60, 61, 16, 8, 0, 7, 9};
   auto rng = make_rng(3);
   std::uniform_int_distribution<Index> position(-10, 70);

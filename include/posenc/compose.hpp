@@ -15,7 +15,7 @@ namespace posenc {
 namespace detail {
 
 template <class E>
-concept HasHeads = ScoreBias<E> || ScoreMixer<E>;
+concept HasHeads = models_stage<E, Stage::score_bias> || models_stage<E, Stage::score_mixer>;
 
 /// The Scalar of a composition: the parts' common Scalar (a part without one, such as
 /// NoPositionalEncoding, defers to the other).
@@ -53,11 +53,14 @@ class Composed {
                 "posenc::compose: two ScoreMixers cannot be composed (each produces the final "
                 "scores from the logits)");
 
-  static constexpr bool transforms = QueryKeyTransform<A> || QueryKeyTransform<B>;
-  static constexpr bool biases = ScoreBias<A> || ScoreBias<B>;
-  static constexpr bool relative = RelativeKeyValue<A> || RelativeKeyValue<B>;
-  static constexpr bool mixes = ScoreMixer<A> || ScoreMixer<B>;
-  static constexpr bool absolute = AbsoluteEncoding<A> || AbsoluteEncoding<B>;
+  // The stages of the composition: the union of the parts' (encoding.hpp's stage set).
+  static constexpr unsigned stages = stages_of<A> | stages_of<B>;
+  static constexpr bool transforms =
+      (stages & static_cast<unsigned>(Stage::query_key_transform)) != 0;
+  static constexpr bool biases = (stages & static_cast<unsigned>(Stage::score_bias)) != 0;
+  static constexpr bool relative = (stages & static_cast<unsigned>(Stage::relative_key_value)) != 0;
+  static constexpr bool mixes = (stages & static_cast<unsigned>(Stage::score_mixer)) != 0;
+  static constexpr bool absolute = (stages & static_cast<unsigned>(Stage::absolute)) != 0;
   static constexpr bool has_heads = detail::HasHeads<A> || detail::HasHeads<B>;
 
  public:
@@ -159,10 +162,10 @@ class Composed {
   void validate(const AttentionShape& shape) const {
     AttentionShape at_logits = shape;
     at_logits.query_dim = second_width(first_width(shape.query_dim));
-    if constexpr (detail::HasValidate<A>) {
+    if constexpr (HasValidate<A>) {
       first_.validate(QueryKeyTransform<A> ? shape : at_logits);
     }
-    if constexpr (detail::HasValidate<B>) {
+    if constexpr (HasValidate<B>) {
       AttentionShape after_first = shape;
       after_first.query_dim = first_width(shape.query_dim);
       second_.validate(QueryKeyTransform<B> ? after_first : at_logits);

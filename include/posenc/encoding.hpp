@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT
-// The five stage concepts an encoder may model (DESIGN.md §1) and NoPositionalEncoding.
-// The attention kernel asks at compile time which stages an encoder models and calls only those;
-// a new encoder is a new type, never a change to the kernel.
+// The whole plug-in contract in one place: the five stage concepts an encoder may model, every
+// optional hook an encoder may declare, the stage set every consumer asks (stages_of), and the
+// feature-map contract of linear attention. The kernel, the KV cache, linear attention, compose and
+// the analysis tools ask this list at compile time and call only what an encoder models; a new
+// encoder is a new type, never a change to them.
 #pragma once
 
 #include <concepts>
@@ -70,15 +72,6 @@ concept ScoreBias = requires(const E& e, Index head, Index i, Index j, Positions
   e.add_bias(head, query_positions, key_positions, tile);
 };
 
-/// A ScoreBias that depends on the positions only through their difference: B_h(i, j) = b_h(i − j)
-/// (ALiBi, KERPLE, T5). Declared with `static constexpr bool depends_only_on_distance = true;`.
-/// A consumer may then evaluate the bias once per distance of a tile instead of once per entry
-/// (DAPE does).
-template <class E>
-concept DistanceBias = ScoreBias<E> && requires {
-  requires E::depends_only_on_distance;
-};
-
 /// Query-dependent relative terms (Shaw et al. 2018): the logit gets scale·q_i·a^K(j − i) and the
 /// output gets Σ_j p_ij·a^V(j − i).
 ///
@@ -118,19 +111,111 @@ concept ScoreMixer = requires(const E& e, Positions query_positions, Positions k
 /// measured against. Models no stage.
 struct NoPositionalEncoding {};
 
-/// Anything the attention kernel accepts: NoPositionalEncoding or a type modelling at least one
-/// attention stage.
-template <class E>
-concept AttentionEncoder = std::copy_constructible<E> &&
-    (std::same_as<E, NoPositionalEncoding> || QueryKeyTransform<E> || ScoreBias<E> ||
-     RelativeKeyValue<E> || ScoreMixer<E>);
+// ---------------------------------------------------------------------------------------------
+// Optional hooks. An encoder may declare any of these next to the stages it models; consumers
+// use them when present and a documented default otherwise.
+// ---------------------------------------------------------------------------------------------
 
-namespace detail {
-
+/// `validate(const AttentionShape&)`: rejects (std::invalid_argument) head counts or widths the
+/// encoder was not built for, before any work. Called by every attention entry point.
 template <class E>
 concept HasValidate = requires(const E& e, const AttentionShape& shape) {
   e.validate(shape);
 };
+
+/// `static constexpr bool depends_only_on_distance = true;` on a ScoreBias: B_h(i, j) = b_h(i − j)
+/// (ALiBi, KERPLE, T5). A consumer may then evaluate the bias once per distance of a tile instead
+/// of once per entry (DAPE does).
+template <class E>
+concept DistanceBias = ScoreBias<E> && requires {
+  requires E::depends_only_on_distance;
+};
+
+/// `bool keys_ignore_centre() const` on a QueryKeyTransform: true when transform_keys ignores the
+/// kernel's `centre` argument (RoPE: always; XPos: with a fixed centre), so transformed keys may
+/// be computed once and cached (KvCache does, when the encoder models no other stage).
+template <class E>
+concept DeclaresCentreFreeKeys = QueryKeyTransform<E> && requires(const E& e) {
+  { e.keys_ignore_centre() } -> std::convertible_to<bool>;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The stage set: what every consumer asks.
+// ---------------------------------------------------------------------------------------------
+
+/// The stages of DESIGN.md §1, as bits of a set.
+enum class Stage : unsigned {
+  absolute = 1u << 0,             // AbsoluteEncoding
+  query_key_transform = 1u << 1,  // QueryKeyTransform
+  score_bias = 1u << 2,           // ScoreBias
+  relative_key_value = 1u << 3,   // RelativeKeyValue
+  score_mixer = 1u << 4,          // ScoreMixer
+};
+
+/// The set of stages E models (0 for NoPositionalEncoding).
+template <class E>
+inline constexpr unsigned stages_of =
+    (AbsoluteEncoding<E> ? static_cast<unsigned>(Stage::absolute) : 0u) |
+    (QueryKeyTransform<E> ? static_cast<unsigned>(Stage::query_key_transform) : 0u) |
+    (ScoreBias<E> ? static_cast<unsigned>(Stage::score_bias) : 0u) |
+    (RelativeKeyValue<E> ? static_cast<unsigned>(Stage::relative_key_value) : 0u) |
+    (ScoreMixer<E> ? static_cast<unsigned>(Stage::score_mixer) : 0u);
+
+/// Whether E models stage S.
+template <class E, Stage S>
+inline constexpr bool models_stage = (stages_of<E> & static_cast<unsigned>(S)) != 0;
+
+/// Whether E models no stage outside `Allowed` (NoPositionalEncoding models none).
+template <class E, Stage... Allowed>
+inline constexpr bool models_only = (stages_of<E> & ~(0u | ... | static_cast<unsigned>(Allowed))) ==
+                                    0;
+
+/// Anything the attention kernel accepts: NoPositionalEncoding or a type modelling at least one
+/// attention stage (an AbsoluteEncoding alone acts before the projections, not in attention).
+template <class E>
+concept AttentionEncoder = std::copy_constructible<E> &&
+    (std::same_as<E, NoPositionalEncoding> ||
+     (stages_of<E> & ~static_cast<unsigned>(Stage::absolute)) != 0);
+
+/// Compile-time rejection, with a message naming the stage, of an encoder that models a stage
+/// outside `Allowed`: a consumer that can apply only some stages (linear attention: a
+/// QueryKeyTransform) instantiates `RequireOnlyStages<Encoder, Allowed...>{}` so that a composed
+/// encoder never loses a stage silently.
+template <class E, Stage... Allowed>
+struct RequireOnlyStages {
+  static constexpr unsigned allowed = (0u | ... | static_cast<unsigned>(Allowed));
+  static constexpr bool ok(Stage s) {
+    return (stages_of<E> & static_cast<unsigned>(s)) == 0 ||
+           (allowed & static_cast<unsigned>(s)) != 0;
+  }
+  static_assert(ok(Stage::score_bias),
+                "posenc: the encoder models ScoreBias (an additive bias B(i, j) on the N x M "
+                "logits), a stage this consumer cannot apply");
+  static_assert(ok(Stage::relative_key_value),
+                "posenc: the encoder models RelativeKeyValue (Shaw's q_i.a(j - i) logit and "
+                "output terms), a stage this consumer cannot apply");
+  static_assert(ok(Stage::score_mixer),
+                "posenc: the encoder models ScoreMixer (a network over the logits of all heads), "
+                "a stage this consumer cannot apply");
+  static_assert(ok(Stage::query_key_transform),
+                "posenc: the encoder models QueryKeyTransform, a stage this consumer cannot apply");
+  static_assert(ok(Stage::absolute),
+                "posenc: the encoder models AbsoluteEncoding (added to the embeddings before the "
+                "projections), a stage this consumer cannot apply");
+};
+
+namespace detail {
+
+/// The width of q and k after E's QueryKeyTransform (dim when it has none).
+template <class E>
+Index transformed_width(const E& encoder, Index dim) {
+  if constexpr (QueryKeyTransform<E>) {
+    return static_cast<Index>(encoder.transformed_dim(dim));
+  } else {
+    (void)encoder;
+    return dim;
+  }
+}
 
 /// Scalar type of an encoder, or void for scalar-agnostic encoders such as NoPE.
 template <class E>
@@ -144,5 +229,46 @@ struct encoder_scalar<E> {
 };
 
 }  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Feature maps of linear attention (posenc/feature_maps.hpp has EluPlusOne, ReluPlusEpsilon and
+// Favor; linear_attention.hpp consumes them).
+// ---------------------------------------------------------------------------------------------
+
+/// A positive feature map φ for linear attention: `feature_dim(D)` is F, and `features(x, out)`
+/// writes φ of each row of x (rows × D) to out (rows × F), out resized by the caller.
+/// φ(q)·φ(k) then stands for exp(q·k) (up to a constant).
+template <class M, class Scalar>
+concept FeatureMap = std::copy_constructible<M> &&
+    requires(const M& m, Index dim, const Matrix<Scalar>& x, Matrix<Scalar>& out) {
+  { m.feature_dim(dim) } -> std::convertible_to<Index>;
+  m.features(x, out);
+};
+
+/// Optional hook of a feature map whose features are exponentials that overflow unless
+/// stabilised (Performer's FAVOR+): instead of `features`, linear attention then calls
+///
+///   query_features(x, out)              φ(x) of query rows, each stabilised by its own maximum;
+///   key_exponentials(x, out, row_max)   exp(ωᵢ·x' − |x'|²/2 − m_r) with m_r written to row_max[r]
+///
+/// and assembles the key features φ(k) = ratio()·(out·exp(m_r − c) + stabilizer()) with one
+/// shared stabiliser c per sum (the largest m_r so far), rescaling its running state when c grows.
+template <class M, class Scalar>
+concept StabilizedFeatureMap = FeatureMap<M, Scalar> &&
+    requires(const M& m, const Matrix<Scalar>& x, Matrix<Scalar>& out, Vector<Scalar>& row_max) {
+  m.query_features(x, out);
+  m.key_exponentials(x, out, row_max);
+  { m.ratio() } -> std::convertible_to<Scalar>;
+  { m.stabilizer() } -> std::convertible_to<double>;
+};
+
+/// Optional hook of a feature map: `validate(fn, width, after_transform)` throws
+/// std::invalid_argument (message starting with `fn`) when the map cannot take inputs of this
+/// width or its own parameters are invalid; `after_transform` says the width is that of q and k
+/// after the encoder's QueryKeyTransform. Called by linear attention before any work.
+template <class M>
+concept ValidatedFeatureMap = requires(const M& m, const char* fn, Index width, bool transformed) {
+  m.validate(fn, width, transformed);
+};
 
 }  // namespace posenc

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "posenc/attention.hpp"
+#include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/mask.hpp"
@@ -18,13 +19,12 @@
 
 namespace posenc {
 
-/// A QueryKeyTransform whose transform_keys may ignore the kernel's `centre` argument, declared by
-/// `bool keys_ignore_centre() const` (RoPE: always; XPos: with a fixed centre). When it returns
-/// true, and the encoder models no other stage, KvCache stores transformed keys.
+/// An encoder whose only stage is a QueryKeyTransform declaring `keys_ignore_centre()`
+/// (encoding.hpp's DeclaresCentreFreeKeys hook). When that returns true, KvCache stores
+/// transformed keys.
 template <class E>
-concept CentreFreeKeyTransform = QueryKeyTransform<E> && requires(const E& e) {
-  { e.keys_ignore_centre() } -> std::convertible_to<bool>;
-} && !ScoreBias<E> && !RelativeKeyValue<E> && !ScoreMixer<E>;
+concept CentreFreeKeyTransform =
+    DeclaresCentreFreeKeys<E> && models_only<E, Stage::query_key_transform>;
 
 /// Construction options of KvCache. An aggregate: `{.mask = Mask::sliding_window(1024)}`.
 struct KvCacheOptions {
@@ -270,7 +270,7 @@ class KvCache {
     if (query_segments.empty()) attention_options.key_segments = {};
     if constexpr (CentreFreeKeyTransform<Encoder>) {
       if (stores_transformed_keys_) {
-        if constexpr (detail::HasValidate<Encoder>) {
+        if constexpr (HasValidate<Encoder>) {
           encoder_.validate(AttentionShape{qv.heads(), kv_heads_, n, size_, dim_, value_dim_});
         }
         Heads<Scalar> transformed(qv.heads(), n, key_width_);

@@ -111,4 +111,14 @@ class Mask {
   Index window_ = 0;
 };
 
+/// The key window of the LEX reference's token-by-token decoding with blockwise causal attention
+/// of block size `window`: its cache keeps the last `window` keys and appends the new one, so each
+/// token sees at most window + 1 keys. This is Mask::sliding_window(window + 1), not
+/// Mask::blockwise_causal(window): parallel BCA and reference decoding differ (golden bca.json).
+inline Mask blockwise_causal_decoding_window(Index window) {
+  detail::require(window >= 1, "posenc::blockwise_causal_decoding_window",
+                  "window must be >= 1, got ", window);
+  return Mask::sliding_window(window + 1);
+}
+
 }  // namespace posenc

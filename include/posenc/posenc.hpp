@@ -5,8 +5,10 @@
 
 // Core: shapes, masks, stage concepts, the attention kernels, composition, decoding.
 #include "posenc/attention.hpp"
+#include "posenc/attention_options.hpp"
 #include "posenc/compose.hpp"
 #include "posenc/encoding.hpp"
+#include "posenc/feature_maps.hpp"
 #include "posenc/kv_cache.hpp"
 #include "posenc/linear_attention.hpp"
 #include "posenc/mask.hpp"
@@ -38,4 +40,6 @@
 // Analysis.
 #include "posenc/analysis/attention_resolution.hpp"
 #include "posenc/analysis/attention_statistics.hpp"
+#include "posenc/analysis/empirical_receptive_field.hpp"
 #include "posenc/analysis/receptive_field.hpp"
+#include "posenc/analysis/series_convergence.hpp"

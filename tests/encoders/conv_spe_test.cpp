@@ -79,7 +79,7 @@ TEST(ConvSpeGolden, LagKernelMatchesReference) {
                           .at(static_cast<std::size_t>(m))
                           .at(static_cast<std::size_t>(n))
                           .get<double>(),
-                      kGoldenTolerance);
+                      golden_tolerance);
         }
       }
     }

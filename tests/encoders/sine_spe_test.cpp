@@ -65,7 +65,7 @@ TEST(SineSpeGolden, LagKernelIsPosattnMatrixOver2K) {
                                       .at(static_cast<std::size_t>(m))
                                       .at(static_cast<std::size_t>(n))
                                       .get<double>();
-          EXPECT_NEAR(kernel[d], expected, kGoldenTolerance * std::max(1.0, std::abs(expected)));
+          EXPECT_NEAR(kernel[d], expected, golden_tolerance * std::max(1.0, std::abs(expected)));
         }
       }
     }

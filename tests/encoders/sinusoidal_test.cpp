@@ -22,13 +22,13 @@ using test::Json;
 using test::load_golden;
 using test::to_matrix;
 
-constexpr double kFloatEps = std::numeric_limits<float>::epsilon();
+constexpr double float_eps = std::numeric_limits<float>::epsilon();
 
 /// Against a float64 golden: 1e-12 in double (the brief's contract; the goldens agree with exact
 /// maths to 1.1e-16); in float our own rounding of values in [-1, 1] to float, <= eps_f32 / 2.
 template <class Scalar>
 double float64_tolerance() {
-  return std::is_same_v<Scalar, float> ? kFloatEps : 1e-12;
+  return std::is_same_v<Scalar, float> ? float_eps : 1e-12;
 }
 
 /// Against a golden whose reference computed the angles in float32 (t2t, fairseq, gpt-neox): the
@@ -37,12 +37,12 @@ double float64_tolerance() {
 /// 1-Lipschitz; the reference then rounds sin/cos to float32 (eps_f32 / 2) and a float result
 /// adds eps_f32 / 2. Observed: <= 4.7e-8 in the file.
 double float32_angle_tolerance(Index max_position) {
-  return kFloatEps * (3.0 * static_cast<double>(max_position) + 1.0);
+  return float_eps * (3.0 * static_cast<double>(max_position) + 1.0);
 }
 
 /// Tables rounded to float32 from float64 angles (HF DistilBERT/Marian): eps_f32 / 2 from the
 /// reference, eps_f32 / 2 from a float result.
-constexpr double kRoundedFloat32Tolerance = kFloatEps;
+constexpr double kRoundedFloat32Tolerance = float_eps;
 
 template <class Scalar>
 void expect_table_near(const Matrix<Scalar>& got, const Matrix<double>& want, double tolerance,
@@ -217,7 +217,7 @@ long double long_double_value(SinusoidalLayout layout, Index d, Index p, Index c
 // eps_f32 in float (the brief asks 1e-6; a float result only adds its own rounding).
 TYPED_TEST(SinusoidalTest, ExactAtLargePositions) {
   using Scalar = TypeParam;
-  const double tolerance = std::is_same_v<Scalar, float> ? kFloatEps : 1e-12;
+  const double tolerance = std::is_same_v<Scalar, float> ? float_eps : 1e-12;
   const std::vector<Index> positions = {1'000'000, 1'000'001, 1'048'577,
                                         3'141'593, 9'999'991, 10'000'000};
   for (const auto layout : {SinusoidalLayout::interleaved, SinusoidalLayout::concatenated,

@@ -47,7 +47,7 @@ inline Vector<double> flatten(const Json& x) {
 }
 
 /// Golden tolerance in double: the reference is float64 and the formulas are short sums.
-inline constexpr double kGoldenTolerance = 1e-12;
+inline constexpr double golden_tolerance = 1e-12;
 
 /// Checks q̂, k̂, logits, causal softmax (kernel default scale 1/sqrt(R), plus odd tiles),
 /// causal elu+1 linear attention (plus a small chunk) and the closed-form expectation for
@@ -68,41 +68,41 @@ void check_spe_outputs(const Json& golden, const Encoder& encoder, const std::st
     const Heads<double> q_hat = encoder.filter_queries(q);
     const Heads<double> k_hat = encoder.filter_keys(k);
     EXPECT_LE(relative_error(q_hat.flat(), tokens_to_heads(expected.at("qhat").at(bi)).flat()),
-              kGoldenTolerance);
+              golden_tolerance);
     EXPECT_LE(relative_error(k_hat.flat(), tokens_to_heads(expected.at("khat").at(bi)).flat()),
-              kGoldenTolerance);
+              golden_tolerance);
 
     const Heads<double> logits_expected = to_heads(expected.at("logits_qhat_khat").at(bi));
     for (Index h = 0; h < q.heads(); ++h) {
       const Matrix<double> logits = q_hat.head(h) * k_hat.head(h).transpose();
-      EXPECT_LE(relative_error(logits, logits_expected.head(h)), kGoldenTolerance);
+      EXPECT_LE(relative_error(logits, logits_expected.head(h)), golden_tolerance);
     }
 
     const Heads<double> probs_expected =
         to_heads(expected.at("causal_softmax_probs_temp_1_over_sqrt_R").at(bi));
     EXPECT_LE(relative_error(attention_weights(q, k, v, encoder).flat(), probs_expected.flat()),
-              kGoldenTolerance);
+              golden_tolerance);
     const Heads<double> softmax_expected =
         tokens_to_heads(expected.at("causal_softmax_out").at(bi));
     EXPECT_LE(relative_error(attention(q, k, v, encoder).flat(), softmax_expected.flat()),
-              kGoldenTolerance);
+              golden_tolerance);
     const Heads<double> tiled =
         attention(q, k, v, encoder, AttentionOptions{.query_block = 3, .key_block = 4});
-    EXPECT_LE(relative_error(tiled.flat(), softmax_expected.flat()), kGoldenTolerance);
+    EXPECT_LE(relative_error(tiled.flat(), softmax_expected.flat()), golden_tolerance);
 
     const Heads<double> linear_expected =
         tokens_to_heads(expected.at("causal_linear_elu1_out").at(bi));
     EXPECT_LE(relative_error(linear_attention(q, k, v, EluPlusOne{}, encoder).flat(),
                              linear_expected.flat()),
-              kGoldenTolerance);
+              golden_tolerance);
     EXPECT_LE(relative_error(linear_attention(q, k, v, EluPlusOne{}, encoder, {.chunk = 3}).flat(),
                              linear_expected.flat()),
-              kGoldenTolerance);
+              golden_tolerance);
 
     const Heads<double> mean = expected_logits(encoder, q, k);
     EXPECT_LE(
         relative_error(mean.flat(), to_heads(outputs.at("expected_logits_" + mode).at(bi)).flat()),
-        kGoldenTolerance);
+        golden_tolerance);
   }
 }
 
@@ -116,9 +116,9 @@ void expect_codes_match(const Json& json, const Spe& spe, Index length) {
       const auto mi = static_cast<std::size_t>(m);
       const auto hi = static_cast<std::size_t>(h);
       EXPECT_LE(relative_error(spe.query_code(h, m), to_matrix(outputs.at("qbar").at(mi).at(hi))),
-                kGoldenTolerance);
+                golden_tolerance);
       EXPECT_LE(relative_error(spe.key_code(h, m), to_matrix(outputs.at("kbar").at(mi).at(hi))),
-                kGoldenTolerance);
+                golden_tolerance);
     }
   }
 }

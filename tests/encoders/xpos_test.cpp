@@ -27,7 +27,7 @@ std::vector<Index> iota_positions(Index first, Index count) {
 }
 
 // Golden tolerance for float64 (reference notes: 1e-12 absolute).
-constexpr double kGoldenTolerance = 1e-12;
+constexpr double golden_tolerance = 1e-12;
 
 TEST(XPosGolden, TorchscaleRotationOfQueriesAndKeys) {
   const Json golden = test::load_golden("xpos_rotate.json");
@@ -62,7 +62,7 @@ TEST(XPosGolden, TorchscaleRotationOfQueriesAndKeys) {
         xpos_float.transform_queries(h, positions, 12345, x_float, y_float);
       }
       ASSERT_TRUE(y.allFinite() && y_float.allFinite()) << what;
-      EXPECT_LE((y - want.head(h)).cwiseAbs().maxCoeff(), kGoldenTolerance) << what;
+      EXPECT_LE((y - want.head(h)).cwiseAbs().maxCoeff(), golden_tolerance) << what;
       // float: a few float32 roundings of O(1) entries (the largest factor here is ~5).
       EXPECT_LE((y_float.cast<double>() - want.head(h)).cwiseAbs().maxCoeff(), 4e-6) << what;
     }
@@ -153,17 +153,17 @@ TEST(XPosGolden, TorchscaleMultiheadAttentionAndIncrementalDecoding) {
         torchscale.transform_keys(h, positions, 0, k.head(h), k_rot);
         EXPECT_LE(
             (q_rot - test::to_matrix(out.at("q_rotated_unscaled").at(bh))).cwiseAbs().maxCoeff(),
-            kGoldenTolerance)
+            golden_tolerance)
             << what;
         EXPECT_LE((k_rot - test::to_matrix(out.at("k_rotated").at(bh))).cwiseAbs().maxCoeff(),
-                  kGoldenTolerance)
+                  golden_tolerance)
             << what;
         const Matrix<double> scores =
             (q_rot / std::sqrt(static_cast<double>(d))) * k_rot.transpose();
         const Matrix<double> want_scores = test::to_matrix(out.at("scores_pre_softmax").at(bh));
         for (Index i = 0; i < length; ++i) {
           for (Index j = 0; j <= i; ++j) {
-            EXPECT_NEAR(scores(i, j), want_scores(i, j), kGoldenTolerance) << what;
+            EXPECT_NEAR(scores(i, j), want_scores(i, j), golden_tolerance) << what;
           }
         }
       }
@@ -173,16 +173,16 @@ TEST(XPosGolden, TorchscaleMultiheadAttentionAndIncrementalDecoding) {
         const auto bh = static_cast<std::size_t>(b * heads + h);
         EXPECT_LE(
             (weights.head(h) - test::to_matrix(out.at("attn_probs").at(bh))).cwiseAbs().maxCoeff(),
-            kGoldenTolerance)
+            golden_tolerance)
             << what;
       }
       for (const XPosEncoding<double>& encoder : {xpos, torchscale, fixed}) {
         const Matrix<double> streamed =
             layer.output(attention(q, k, v, encoder, {.query_block = 4, .key_block = 3}));
-        EXPECT_LE((streamed - want_out).cwiseAbs().maxCoeff(), kGoldenTolerance) << what;
+        EXPECT_LE((streamed - want_out).cwiseAbs().maxCoeff(), golden_tolerance) << what;
       }
       EXPECT_LE((layer.output(attention_reference(q, k, v, xpos)) - want_out).cwiseAbs().maxCoeff(),
-                kGoldenTolerance)
+                golden_tolerance)
           << what;
       // Decoding: raw keys re-rotated per call (tile centring) or keys rotated once on insert
       // (fixed centre); token by token and after a 4-token prefill.
@@ -192,11 +192,11 @@ TEST(XPosGolden, TorchscaleMultiheadAttentionAndIncrementalDecoding) {
       for (const XPosEncoding<double>& encoder : {xpos, fixed}) {
         EXPECT_LE(
             (layer.output(decode_steps(encoder, q, k, v, 0)) - want_steps).cwiseAbs().maxCoeff(),
-            kGoldenTolerance)
+            golden_tolerance)
             << what;
         EXPECT_LE(
             (layer.output(decode_steps(encoder, q, k, v, 4)) - want_prefix).cwiseAbs().maxCoeff(),
-            kGoldenTolerance)
+            golden_tolerance)
             << what;
       }
     }
@@ -230,25 +230,25 @@ TEST(BlockwiseCausalGolden, MaskParallelBcaAndDecodingWindow) {
     for (const Index block : {Index{2}, Index{3}, Index{128}}) {
       const auto o =
           attention(q, k, v, xpos, {.mask = bca, .query_block = block, .key_block = block});
-      EXPECT_LE((layer.output(o) - want_bca).cwiseAbs().maxCoeff(), kGoldenTolerance) << what;
+      EXPECT_LE((layer.output(o) - want_bca).cwiseAbs().maxCoeff(), golden_tolerance) << what;
     }
     EXPECT_LE((layer.output(attention_reference(q, k, v, xpos, {.mask = bca})) - want_bca)
                   .cwiseAbs()
                   .maxCoeff(),
-              kGoldenTolerance)
+              golden_tolerance)
         << what;
     EXPECT_LE((layer.output(attention(q, k, v, xpos)) -
                test::to_matrix(out.at("attn_out_full_causal_no_block").at(0)))
                   .cwiseAbs()
                   .maxCoeff(),
-              kGoldenTolerance)
+              golden_tolerance)
         << what;
     // The reference's decoding keeps the last w keys and appends the new one: a sliding window
     // of w + 1, evicting as it goes.
     const Matrix<double> want_window = test::to_matrix(out.at("attn_out_incremental_window").at(0));
     for (const XPosEncoding<double>& encoder : {xpos, xpos.with_centring(XPosCentring::fixed(3))}) {
       const auto decoded = decode_steps(encoder, q, k, v, 0, blockwise_causal_decoding_window(w));
-      EXPECT_LE((layer.output(decoded) - want_window).cwiseAbs().maxCoeff(), kGoldenTolerance)
+      EXPECT_LE((layer.output(decoded) - want_window).cwiseAbs().maxCoeff(), golden_tolerance)
           << what;
     }
   }

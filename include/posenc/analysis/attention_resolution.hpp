@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "posenc/attention.hpp"
-#include "posenc/detail/analysis_positions.hpp"
+#include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/xpos.hpp"

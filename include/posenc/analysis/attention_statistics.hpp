@@ -9,7 +9,7 @@
 #include <limits>
 
 #include "posenc/attention.hpp"
-#include "posenc/detail/analysis_positions.hpp"
+#include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/tensor.hpp"
 

@@ -34,9 +34,9 @@ class CounterGaussian {
     const std::uint64_t last = first + static_cast<std::uint64_t>(count) - 1;
     Block even;
     Block odd;
-    for (std::uint64_t pair = first / 2; pair <= last / 2; pair += kPairs) {
+    for (std::uint64_t pair = first / 2; pair <= last / 2; pair += pairs_per_draw) {
       block(pair, even, odd);
-      for (int i = 0; i < kPairs; ++i) {
+      for (int i = 0; i < pairs_per_draw; ++i) {
         const std::uint64_t index = 2 * (pair + static_cast<std::uint64_t>(i));
         if (index >= first && index <= last) {
           out[static_cast<std::int64_t>(index - first) * stride] = static_cast<Scalar>(even[i]);
@@ -56,14 +56,14 @@ class CounterGaussian {
   }
 
  private:
-  static constexpr int kPairs = 16;
-  using Block = Eigen::Array<double, kPairs, 1>;
+  static constexpr int pairs_per_draw = 16;
+  using Block = Eigen::Array<double, pairs_per_draw, 1>;
 
   /// Pairs first_pair … first_pair + 15.
   void block(std::uint64_t first_pair, Block& even, Block& odd) const {
     Block uniform;
-    Eigen::Array<float, kPairs, 1> angle;
-    for (int i = 0; i < kPairs; ++i) {
+    Eigen::Array<float, pairs_per_draw, 1> angle;
+    for (int i = 0; i < pairs_per_draw; ++i) {
       const std::uint64_t h1 = mix64(key_ ^ mix64(first_pair + static_cast<std::uint64_t>(i)));
       const std::uint64_t h2 = mix64(h1 ^ 0xA0761D6478BD642FULL);
       uniform[i] = uniform_open_closed(h1);
@@ -71,8 +71,8 @@ class CounterGaussian {
     }
     const Block radius = (-2.0 * uniform.log()).sqrt();
     // Evaluated in float first: a cast inside the expression would fall back to scalar cos/sin.
-    const Eigen::Array<float, kPairs, 1> cosine = angle.cos();
-    const Eigen::Array<float, kPairs, 1> sine = angle.sin();
+    const Eigen::Array<float, pairs_per_draw, 1> cosine = angle.cos();
+    const Eigen::Array<float, pairs_per_draw, 1> sine = angle.sin();
     even = radius * cosine.cast<double>();
     odd = radius * sine.cast<double>();
   }

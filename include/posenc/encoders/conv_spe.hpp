@@ -15,7 +15,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/gaussian.hpp"
-#include "posenc/detail/spe_common.hpp"
+#include "posenc/encoders/spe_common.hpp"
 #include "posenc/encoders/spe_gate.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
@@ -146,7 +146,7 @@ class ConvSpeDraw {
 template <class Real>
 class ConvSpe : public detail::SpeStages<ConvSpe<Real>, Real> {
  public:
-  static constexpr const char* kName = "posenc::ConvSpe";
+  static constexpr const char* name = "posenc::ConvSpe";
 
   using Scalar = Real;
 

@@ -369,14 +369,13 @@ class RotaryEncoding {
     const Index pairs = rotary_dim_ / 2;
     // Rows of uncached positions are computed into a per-thread buffer, fetched only when one
     // is needed (no allocation per tile).
+    std::optional<detail::ScratchLease<detail::RowScratch<Scalar>>> lease;
     Scalar* scratch = nullptr;
     const bool interleaved = pairing_ == RotaryPairing::interleaved;
     for (Index r = 0; r < in.rows(); ++r) {
       const Index position = positions[static_cast<std::size_t>(r)];
       if (scratch == nullptr && !table_->contains(position)) {
-        scratch =
-            detail::thread_scratch<Scalar, RotaryEncoding>(static_cast<std::size_t>(rotary_dim_))
-                .data();
+        scratch = detail::grow(lease.emplace().get().values, rotary_dim_);
       }
       const Scalar* cs = table_->row(position, scratch);
       detail::rotate_row<Scalar>(interleaved, pairs, head_dim_, cs, nullptr,

@@ -13,7 +13,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/random.hpp"
-#include "posenc/detail/spe_common.hpp"
+#include "posenc/encoders/spe_common.hpp"
 #include "posenc/encoders/spe_gate.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
@@ -106,7 +106,7 @@ struct SineSpeDraw {
 template <class Real>
 class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
  public:
-  static constexpr const char* kName = "posenc::SineSpe";
+  static constexpr const char* name = "posenc::SineSpe";
 
   using Scalar = Real;
 
@@ -224,11 +224,11 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
 
   /// Row r of x: [q ⊙ (cos, sin) per (d, k)] and, gated, q itself. For runs of consecutive
   /// positions the phases advance by rotation (one complex multiply per row and sine), anchored
-  /// by exact cos/sin every kAnchor rows so that the rounding never accumulates over more than
-  /// kAnchor steps (~1e-14 relative); scattered positions use cos/sin per row.
+  /// by exact cos/sin every anchor rows so that the rounding never accumulates over more than
+  /// anchor steps (~1e-14 relative); scattered positions use cos/sin per row.
   template <class In>
   void features(Index head, Positions positions, const In& in, bool query, Matrix<Real>& x) const {
-    constexpr Index kAnchor = 32;
+    constexpr Index anchor = 32;
     const Index columns = 2 * sines_;
     const Index dk = dim_ * sines_;
     x.resize(in.rows(), weights_[static_cast<std::size_t>(head)].rows());
@@ -238,7 +238,7 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
     for (Index r = 0; r < in.rows(); ++r) {
       const Index position = positions[static_cast<std::size_t>(r)];
       const bool advance =
-          r % kAnchor != 0 && position == positions[static_cast<std::size_t>(r - 1)] + 1;
+          r % anchor != 0 && position == positions[static_cast<std::size_t>(r - 1)] + 1;
       if (advance) {
         rotated = cosine * step_cos - sine * step_sin;
         sine = sine * step_cos + cosine * step_sin;

@@ -55,15 +55,17 @@ struct SinusoidalOptions {
 namespace detail::sinusoid {
 
 /// 2π as an unevaluated sum of two doubles (error 6e-33), and 1/(2π) rounded.
-inline constexpr double kTwoPiHi = 0x1.921fb54442d18p+2;
-inline constexpr double kTwoPiLo = 0x1.1a62633145c07p-52;
-inline constexpr double kInvTwoPi = 0x1.45f306dc9c883p-3;
+inline constexpr double two_pi_hi = 0x1.921fb54442d18p+2;
+inline constexpr double two_pi_lo = 0x1.1a62633145c07p-52;
+inline constexpr double inv_two_pi = 0x1.45f306dc9c883p-3;
 
 /// Largest |position| converted to double without rounding.
-inline constexpr Index kMaxExactPosition = Index{1} << 53;
+inline constexpr Index max_exact_position = Index{1} << 53;
 
 /// |p| <= 2^53 (written without std::abs, which overflows for INT64_MIN).
-inline bool is_exact_position(Index p) { return p >= -kMaxExactPosition && p <= kMaxExactPosition; }
+inline bool is_exact_position(Index p) {
+  return p >= -max_exact_position && p <= max_exact_position;
+}
 
 /// One frequency w = hi + lo (w carried to long double precision where long double is wider than
 /// double) and the channels holding sin(p·w) and cos(p·w) (-1: none).
@@ -85,8 +87,8 @@ inline Frequency make_frequency(long double w, Index sin_channel, Index cos_chan
 inline double reduced_angle(double p, const Frequency& w) {
   const double a = p * w.hi;
   const double a_error = std::fma(p, w.hi, -a);
-  const double turns = std::nearbyint(a * kInvTwoPi);
-  const double r = std::fma(-turns, kTwoPiLo, std::fma(-turns, kTwoPiHi, a));
+  const double turns = std::nearbyint(a * inv_two_pi);
+  const double r = std::fma(-turns, two_pi_lo, std::fma(-turns, two_pi_hi, a));
   return r + (a_error + p * w.lo);
 }
 

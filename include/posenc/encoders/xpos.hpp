@@ -14,7 +14,6 @@
 #include "posenc/detail/scratch.hpp"
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoding.hpp"
-#include "posenc/mask.hpp"
 #include "posenc/tensor.hpp"
 
 namespace posenc {
@@ -167,15 +166,14 @@ class XPosEncoding {
     const Index pairs = head_dim_ / 2;
     // Rows outside the cached ranges go to a per-thread buffer, fetched only when one is needed
     // (no allocation per tile).
+    std::optional<detail::ScratchLease<detail::RowScratch<Scalar>>> lease;
     Scalar* scratch = nullptr;
     const bool interleaved = options_.pairing == RotaryPairing::interleaved;
     for (Index r = 0; r < in.rows(); ++r) {
       const Index n = positions[static_cast<std::size_t>(r)];
       const Index offset = sign > 0 ? n - centre : centre - n;
       if (scratch == nullptr && !(rotation_->contains(n) && decay_->contains(offset))) {
-        scratch = detail::thread_scratch<Scalar, XPosEncoding>(
-                      static_cast<std::size_t>(head_dim_ + pairs))
-                      .data();
+        scratch = detail::grow(lease.emplace().get().values, head_dim_ + pairs);
       }
       const Scalar* cs = rotation_->row(n, scratch);
       const Scalar* gain = decay_->row(offset, scratch == nullptr ? nullptr : scratch + head_dim_);
@@ -195,15 +193,5 @@ class XPosEncoding {
 
 static_assert(QueryKeyTransform<XPosEncoding<float>>);
 static_assert(QueryKeyTransform<XPosEncoding<double>>);
-
-/// The key window of the LEX reference's token-by-token decoding with blockwise causal attention
-/// of block size `window`: its cache keeps the last `window` keys and appends the new one, so each
-/// token sees at most window + 1 keys. This is Mask::sliding_window(window + 1), not
-/// Mask::blockwise_causal(window): parallel BCA and reference decoding differ (golden bca.json).
-inline Mask blockwise_causal_decoding_window(Index window) {
-  detail::require(window >= 1, "posenc::blockwise_causal_decoding_window",
-                  "window must be >= 1, got ", window);
-  return Mask::sliding_window(window + 1);
-}
 
 }  // namespace posenc

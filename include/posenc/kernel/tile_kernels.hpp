@@ -2,6 +2,7 @@
 // Register-blocked micro-kernels for the two products of an attention tile (logits = Q·Kᵀ and
 // output += P·V) and the softmax exponential, written once over Eigen's packet abstraction so
 // the same code runs with AVX-512, AVX2, SSE or NEON packets (or scalars), chosen at compile time.
+// IWYU pragma: private, include "posenc/attention.hpp"
 #pragma once
 
 #include <Eigen/Core>
@@ -12,17 +13,20 @@
 #include <type_traits>
 #include <utility>
 
+#include "posenc/detail/simd.hpp"
 #include "posenc/tensor.hpp"
 
-namespace posenc::detail {
+namespace posenc::kernel {
 
-/// The widest SIMD packet Eigen uses for Scalar with the current compile flags, its width, and
-/// the register blocking of the micro-kernels (32 vector registers with AVX-512, 16 with AVX).
+using detail::padded_width;
+using detail::store_lanes;
+using detail::sum_lanes;
+
+/// The packet of Scalar (detail::SimdPacket) and the register blocking of the micro-kernels
+/// (32 vector registers with AVX-512, 16 with AVX).
 template <class Scalar>
-struct TileKernelTraits {
-  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
-  static constexpr Index width = Eigen::internal::unpacket_traits<Packet>::size;
-  static constexpr bool many_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+struct TileKernelTraits : detail::SimdPacket<Scalar> {
+  using detail::SimdPacket<Scalar>::many_registers;
   /// Q·Kᵀ: logits_rows query rows × logits_packets packets of keys per step.
   static constexpr int logits_rows = many_registers ? 8 : 4;
   static constexpr int logits_packets = 2;
@@ -30,13 +34,6 @@ struct TileKernelTraits {
   static constexpr int output_rows = many_registers ? 6 : 2;
   static constexpr int output_packets = 4;
 };
-
-/// Rounds n up to a multiple of the packet width: the padded width of packed tiles.
-template <class Scalar>
-constexpr Index padded_width(Index n) {
-  constexpr Index w = TileKernelTraits<Scalar>::width;
-  return (n + w - 1) / w * w;
-}
 
 /// Per-row column ranges of a tile that may hold non-zero work: row r needs columns
 /// [begin[r], end[r]) only (a mask's allowed keys); null pointers: every column. The micro-kernels
@@ -59,19 +56,6 @@ struct ColumnLimits {
     return {std::max<Index>(first, 0), std::min(last, cols)};
   }
 };
-
-/// Writes the first `count` lanes of a packet to `to` (the edge of a tile narrower than a packet).
-template <class Packet, class Scalar>
-inline void store_lanes(Scalar* to, const Packet& from, Index count) {
-  constexpr Index w = Eigen::internal::unpacket_traits<Packet>::size;
-  if (count >= w) {
-    Eigen::internal::pstoreu(to, from);
-    return;
-  }
-  alignas(64) Scalar lanes[w];
-  Eigen::internal::pstoreu(lanes, from);
-  std::memcpy(to, lanes, static_cast<std::size_t>(count) * sizeof(Scalar));
-}
 
 /// keys_t (depth × padded cols, row stride `ld`) = keysᵀ, zero in the padding columns.
 /// keys: cols × depth, row stride `keys_stride`. Whole W × W blocks are transposed in registers
@@ -311,24 +295,6 @@ inline Eigen::internal::Packet16f softmax_exp(const Eigen::internal::Packet16f& 
 }
 #endif
 
-/// Σ of the lanes of a packet.
-template <class Packet>
-typename Eigen::internal::unpacket_traits<Packet>::type sum_lanes(const Packet& packet) {
-  using Scalar = typename Eigen::internal::unpacket_traits<Packet>::type;
-  constexpr Index W = Eigen::internal::unpacket_traits<Packet>::size;
-  if constexpr (std::is_same_v<Scalar, float>) {
-    return Eigen::internal::predux(packet);
-  } else {
-    // Lanes summed through memory: GCC 12 raises a false -Wuninitialized inside its own
-    // AVX-512 intrinsics for predux on 8-double packets.
-    alignas(64) Scalar lanes[W];
-    Eigen::internal::pstoreu(lanes, packet);
-    Scalar total = 0;
-    for (Index i = 0; i < W; ++i) total += lanes[i];
-    return total;
-  }
-}
-
 /// max_c row[c] for c < count (−inf when count is 0).
 template <class Scalar>
 Scalar row_maximum(const Scalar* row, Index count) {
@@ -369,4 +335,4 @@ Scalar exp_shifted_row(Scalar* row, Index count, Scalar max) {
   return total;
 }
 
-}  // namespace posenc::detail
+}  // namespace posenc::kernel

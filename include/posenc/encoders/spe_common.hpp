@@ -85,7 +85,7 @@ Heads<typename Spe::Scalar> filter_heads(const char* fn, const Spe& spe, const X
 
 /// The stage interface of an SPE encoder, written once over the encoder's tile filter
 /// `filter(head, positions, in [rows, D], out [rows, R], query)` (a private member; the encoder
-/// befriends this base) and its `heads()`, `dim()`, `realizations()` and `kName`.
+/// befriends this base) and its `heads()`, `dim()`, `realizations()` and `name`.
 template <class Spe, class Real>
 class SpeStages {
  public:
@@ -94,7 +94,7 @@ class SpeStages {
 
   /// Rejects head counts and widths other than the codes' (called by the kernels).
   void validate(const AttentionShape& shape) const {
-    check_spe_shape(Spe::kName, shape, self().heads(), self().dim());
+    check_spe_shape(Spe::name, shape, self().heads(), self().dim());
   }
 
   /// out [rows, R] = in [rows, D] filtered by the query codes at `positions` (centre unused).
@@ -111,13 +111,13 @@ class SpeStages {
   /// q̂ for a whole tensor q [H, N, D] (row i at first_position + i) → [H, N, R].
   template <HeadsLike X>
   Heads<Real> filter_queries(const X& q, Index first_position = 0, int threads = 0) const {
-    return filter_heads((std::string(Spe::kName) + "::filter_queries").c_str(), self(), q,
+    return filter_heads((std::string(Spe::name) + "::filter_queries").c_str(), self(), q,
                         first_position, true, threads);
   }
   /// k̂ for a whole tensor k [H, M, D] (row j at first_position + j) → [H, M, R].
   template <HeadsLike X>
   Heads<Real> filter_keys(const X& k, Index first_position = 0, int threads = 0) const {
-    return filter_heads((std::string(Spe::kName) + "::filter_keys").c_str(), self(), k,
+    return filter_heads((std::string(Spe::name) + "::filter_keys").c_str(), self(), k,
                         first_position, false, threads);
   }
 

@@ -2,7 +2,7 @@
 // The register-blocked tile micro-kernels against plain Eigen products on every remainder of the
 // register blocking (rows, key columns and value width not multiples of the blocks or packets),
 // and the softmax exponential's error over the range the softmax uses.
-#include "posenc/detail/tile_kernels.hpp"
+#include "posenc/kernel/tile_kernels.hpp"
 
 #include <gtest/gtest.h>
 
@@ -31,7 +31,7 @@ TYPED_TEST_SUITE(TileKernelsTest, test::Scalars);
 
 TYPED_TEST(TileKernelsTest, LogitsAndAccumulateMatchEigenOnEveryRemainder) {
   using Scalar = TypeParam;
-  using Traits = detail::TileKernelTraits<Scalar>;
+  using Traits = kernel::TileKernelTraits<Scalar>;
   const Index W = Traits::width;
   auto rng = test::make_rng(41);
   const auto random = [&](Index r, Index c) { return tile_normal_matrix<Scalar>(r, c, rng); };
@@ -42,13 +42,13 @@ TYPED_TEST(TileKernelsTest, LogitsAndAccumulateMatchEigenOnEveryRemainder) {
         if (cols < 1) continue;
         const Matrix<Scalar> q = random(rows, depth);
         const Matrix<Scalar> k = random(cols, depth);
-        const Index ldk = detail::padded_width<Scalar>(cols);
+        const Index ldk = kernel::padded_width<Scalar>(cols);
         Matrix<Scalar> k_t(depth, ldk);
-        detail::pack_transposed(k.data(), depth, cols, depth, k_t.data(), ldk);
+        kernel::pack_transposed(k.data(), depth, cols, depth, k_t.data(), ldk);
         // Narrow output stride (partial stores) and padded stride (full stores).
         for (const Index ld : {cols, ldk}) {
           Matrix<Scalar> logits = Matrix<Scalar>::Constant(rows, ld, Scalar(99));
-          detail::tile_logits(q.data(), depth, rows, depth, k_t.data(), ldk, cols, logits.data(),
+          kernel::tile_logits(q.data(), depth, rows, depth, k_t.data(), ldk, cols, logits.data(),
                               ld);
           const Matrix<Scalar> expected = q * k.transpose();
           ASSERT_LE(test::relative_error(logits.leftCols(cols), expected),
@@ -64,12 +64,12 @@ TYPED_TEST(TileKernelsTest, LogitsAndAccumulateMatchEigenOnEveryRemainder) {
         if (dim < 1) continue;
         const Matrix<Scalar> p = random(rows, cols);
         const Matrix<Scalar> v = random(cols, dim);
-        const Index ldv = detail::padded_width<Scalar>(dim);
+        const Index ldv = kernel::padded_width<Scalar>(dim);
         Matrix<Scalar> v_p(cols, ldv);
-        detail::pack_rows(v.data(), dim, cols, dim, v_p.data(), ldv);
+        kernel::pack_rows(v.data(), dim, cols, dim, v_p.data(), ldv);
         Matrix<Scalar> out = random(rows, ldv);
         const Matrix<Scalar> expected = out.leftCols(dim) + p * v;
-        detail::tile_accumulate(p.data(), cols, rows, cols, v_p.data(), ldv, ldv, out.data(), ldv);
+        kernel::tile_accumulate(p.data(), cols, rows, cols, v_p.data(), ldv, ldv, out.data(), ldv);
         ASSERT_LE(test::relative_error(out.leftCols(dim), expected),
                   50 * std::numeric_limits<Scalar>::epsilon() * static_cast<double>(cols))
             << "rows " << rows << " cols " << cols << " dim " << dim;
@@ -83,7 +83,7 @@ TYPED_TEST(TileKernelsTest, ColumnLimitsSkipOnlyBlocksOutsideEveryRowsRange) {
   // range every logit is computed; P·V with zero weights outside the ranges equals the full
   // product. Odd sizes hit every remainder of the register blocks.
   using Scalar = TypeParam;
-  using Traits = detail::TileKernelTraits<Scalar>;
+  using Traits = kernel::TileKernelTraits<Scalar>;
   const Index W = Traits::width;
   auto rng = test::make_rng(43);
   std::normal_distribution<double> normal;
@@ -100,15 +100,15 @@ TYPED_TEST(TileKernelsTest, ColumnLimitsSkipOnlyBlocksOutsideEveryRowsRange) {
           end[i] = std::min(cols, diagonal + 1);
           if (pattern == 2 && r % 3 == 1) begin[i] = end[i] = 0;  // no allowed key
         }
-        const detail::ColumnLimits limits{begin.data(), end.data()};
+        const kernel::ColumnLimits limits{begin.data(), end.data()};
         const Index depth = 9;
         const Matrix<Scalar> q = random(rows, depth);
         const Matrix<Scalar> k = random(cols, depth);
-        const Index ldk = detail::padded_width<Scalar>(cols);
+        const Index ldk = kernel::padded_width<Scalar>(cols);
         Matrix<Scalar> k_t(depth, ldk);
-        detail::pack_transposed(k.data(), depth, cols, depth, k_t.data(), ldk);
+        kernel::pack_transposed(k.data(), depth, cols, depth, k_t.data(), ldk);
         Matrix<Scalar> logits = Matrix<Scalar>::Zero(rows, ldk);
-        detail::tile_logits(q.data(), depth, rows, depth, k_t.data(), ldk, cols, logits.data(), ldk,
+        kernel::tile_logits(q.data(), depth, rows, depth, k_t.data(), ldk, cols, logits.data(), ldk,
                             limits);
         const Matrix<Scalar> expected = q * k.transpose();
         Matrix<Scalar> weights = Matrix<Scalar>::Zero(rows, cols);
@@ -120,10 +120,10 @@ TYPED_TEST(TileKernelsTest, ColumnLimitsSkipOnlyBlocksOutsideEveryRowsRange) {
           }
         }
         const Index dim = 2 * W + 1;
-        const Index ldv = detail::padded_width<Scalar>(dim);
+        const Index ldv = kernel::padded_width<Scalar>(dim);
         const Matrix<Scalar> v = random(cols, ldv);
         Matrix<Scalar> out = Matrix<Scalar>::Zero(rows, ldv);
-        detail::tile_accumulate(weights.data(), cols, rows, cols, v.data(), ldv, ldv, out.data(),
+        kernel::tile_accumulate(weights.data(), cols, rows, cols, v.data(), ldv, ldv, out.data(),
                                 ldv, limits);
         EXPECT_LE(test::relative_error(out, weights * v),
                   50 * std::numeric_limits<Scalar>::epsilon() * static_cast<double>(cols))
@@ -147,7 +147,7 @@ TYPED_TEST(TileKernelsTest, SoftmaxExponentialIsAccurateAndExactlyZeroBelowRange
   x[n + 2] = -std::numeric_limits<Scalar>::max();
   x[n + 3] = Scalar(-1e-30);
   Vector<Scalar> y = x;
-  const Scalar sum = detail::exp_shifted_row(y.data(), y.size(), Scalar(0));
+  const Scalar sum = kernel::exp_shifted_row(y.data(), y.size(), Scalar(0));
   long double expected_sum = 0;
   double worst_ulps = 0;
   for (Index i = 0; i < y.size(); ++i) {

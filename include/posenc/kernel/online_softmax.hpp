@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: MIT
+// The online softmax of one block of query rows (running max, running sum, unnormalised output)
+// and where a finished block goes: a normalised output or an AttentionPartial.
+// IWYU pragma: private, include "posenc/attention.hpp"
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "posenc/kernel/tile_kernels.hpp"
+#include "posenc/tensor.hpp"
+
+namespace posenc::kernel {
+
+/// A row-major tile inside a larger buffer (row stride = padded width).
+template <class Scalar>
+using StridedTile = Eigen::Map<Matrix<Scalar>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// Online-softmax state of one block of query rows (Milakov & Gimelshein 2018; FlashAttention,
+/// Dao et al. 2022): running max, running sum, unnormalised output. `output` is rows × Dv inside
+/// rows × padded(Dv) storage (`padded_output`), the layout the P·V micro-kernel writes.
+template <class Scalar>
+struct OnlineSoftmax {
+  Eigen::Map<Vector<Scalar>> row_max;
+  Eigen::Map<Vector<Scalar>> row_sum;
+  Eigen::Map<Vector<Scalar>> rescale;
+  StridedTile<Scalar> output;
+  StridedTile<Scalar> padded_output;
+
+  void reset() {
+    row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
+    row_sum.setZero();
+    padded_output.setZero();
+  }
+
+  /// Turns `scores` (rows × cols) into exp(scores − new max) in place (−inf, i.e. masked, gives
+  /// exactly 0) and rescales the running sum and output. Returns false when no entry of the
+  /// tile is allowed (nothing to add).
+  bool absorb(StridedTile<Scalar>& scores) {
+    constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+    bool any = false;
+    bool rescaled = false;
+    for (Index r = 0; r < scores.rows(); ++r) {
+      auto row = scores.row(r);
+      const Scalar old_max = row_max[r];
+      const Scalar new_max = std::max(old_max, row_maximum(row.data(), scores.cols()));
+      if (new_max == minus_infinity) {  // every key so far is masked for this row
+        row.setZero();
+        rescale[r] = Scalar(1);
+        continue;
+      }
+      any = true;
+      const Scalar tile_sum = exp_shifted_row(row.data(), scores.cols(), new_max);
+      const Scalar factor = old_max == new_max          ? Scalar(1)
+                            : old_max == minus_infinity ? Scalar(0)
+                                                        : std::exp(old_max - new_max);
+      rescaled = rescaled || factor != Scalar(1);
+      rescale[r] = factor;
+      row_sum[r] = row_sum[r] * factor + tile_sum;
+      row_max[r] = new_max;
+    }
+    if (any && rescaled) padded_output.array().colwise() *= rescale.array();
+    return any;
+  }
+};
+
+/// Where the streaming kernel writes its result: normalised output, or a partial.
+template <class Scalar>
+struct ResultSink {
+  HeadsView<Scalar> output;
+  Matrix<Scalar>* row_max = nullptr;  // partial mode when non-null
+  Matrix<Scalar>* row_sum = nullptr;
+
+  void write(Index h, Index first, const OnlineSoftmax<Scalar>& state) const {
+    auto out = output.head(h).middleRows(first, state.output.rows());
+    if (row_max != nullptr) {
+      out = state.output;
+      row_max->row(h).segment(first, state.row_max.size()) = state.row_max.transpose();
+      row_sum->row(h).segment(first, state.row_sum.size()) = state.row_sum.transpose();
+      return;
+    }
+    for (Index r = 0; r < out.rows(); ++r) {
+      const Scalar sum = state.row_sum[r];
+      if (sum > Scalar(0)) {
+        out.row(r) = state.output.row(r) / sum;
+      } else {
+        out.row(r).setZero();  // no allowed key: zeros, never NaN
+      }
+    }
+  }
+};
+
+}  // namespace posenc::kernel

@@ -1,0 +1,172 @@
+// SPDX-License-Identifier: MIT
+// One attention call, checked: q, k, v, the resolved options and the scale (AttentionProblem),
+// and the positions and extents of its blocks of rows. Built by make_problem at every entry point.
+// IWYU pragma: private, include "posenc/attention.hpp"
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "posenc/attention_options.hpp"
+#include "posenc/detail/check.hpp"
+#include "posenc/encoding.hpp"
+#include "posenc/mask.hpp"
+#include "posenc/tensor.hpp"
+
+namespace posenc::kernel {
+
+/// One validated attention problem: inputs, positions, mask and scale.
+template <class Scalar>
+struct AttentionProblem {
+  HeadsView<const Scalar> q, k, v;
+  Index heads, queries, keys, query_dim, value_dim, logit_dim;
+  Index heads_per_kv_head;
+  Index query_offset;
+  Positions query_positions, key_positions;  // empty: default positions
+  std::span<const Index> query_segments, key_segments;
+  Mask mask;
+  Scalar scale;
+  Index query_block, key_block;
+  int threads;
+
+  Index kv_head(Index h) const { return h / heads_per_kv_head; }
+  Index query_position(Index r) const {
+    return detail::query_position_of(query_positions, query_offset, r);
+  }
+  Index key_position(Index c) const { return detail::key_position_of(key_positions, c); }
+  bool has_segments() const { return !query_segments.empty(); }
+};
+
+/// Checks every argument of an attention call and resolves defaults.
+template <class Scalar, class Encoder>
+AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
+                                      HeadsView<const Scalar> k, HeadsView<const Scalar> v,
+                                      const Encoder& encoder, const AttentionOptions& options) {
+  using EncoderScalar = typename detail::encoder_scalar<Encoder>::type;
+  static_assert(std::is_void_v<EncoderScalar> || std::is_same_v<EncoderScalar, Scalar>,
+                "posenc::attention: the encoder's Scalar differs from the scalar of q, k, v");
+  detail::check_qkv_shapes(fn, q, k, v);
+  detail::require(options.query_positions.empty() ||
+                      static_cast<Index>(options.query_positions.size()) == q.rows(),
+                  fn, "query_positions has ", options.query_positions.size(), " entries but q has ",
+                  q.rows(), " rows");
+  detail::require(
+      options.key_positions.empty() || static_cast<Index>(options.key_positions.size()) == k.rows(),
+      fn, "key_positions has ", options.key_positions.size(), " entries but k has ", k.rows(),
+      " rows");
+  detail::require(options.query_segments.empty() == options.key_segments.empty(), fn,
+                  "query_segments and key_segments must be given together, got ",
+                  options.query_segments.size(), " and ", options.key_segments.size(), " entries");
+  detail::require(options.query_segments.empty() ||
+                      static_cast<Index>(options.query_segments.size()) == q.rows(),
+                  fn, "query_segments has ", options.query_segments.size(), " entries but q has ",
+                  q.rows(), " rows");
+  detail::require(
+      options.key_segments.empty() || static_cast<Index>(options.key_segments.size()) == k.rows(),
+      fn, "key_segments has ", options.key_segments.size(), " entries but k has ", k.rows(),
+      " rows");
+  detail::require(options.query_block >= 1 && options.key_block >= 1, fn,
+                  "query_block and key_block must be >= 1, got ", options.query_block, " and ",
+                  options.key_block);
+  detail::require(options.threads >= 0, fn, "threads must be >= 0 (0 = OpenMP default), got ",
+                  options.threads);
+  if (options.scale) {
+    detail::require(std::isfinite(*options.scale) && *options.scale > 0.0, fn,
+                    "scale must be finite and positive, got ", *options.scale);
+  }
+  const Index logit_dim = detail::transformed_width(encoder, q.dim());
+  detail::require(logit_dim >= 1, fn, "the encoder's transformed_dim(", q.dim(), ") is ",
+                  logit_dim);
+  if constexpr (ScoreBias<Encoder>) {
+    detail::require(static_cast<Index>(encoder.heads()) == q.heads(), fn, "the bias has ",
+                    encoder.heads(), " heads but q has ", q.heads());
+  }
+  if constexpr (ScoreMixer<Encoder>) {
+    detail::require(static_cast<Index>(encoder.heads()) == q.heads(), fn, "the mixer has ",
+                    encoder.heads(), " heads but q has ", q.heads());
+  }
+  if constexpr (HasValidate<Encoder>) {
+    encoder.validate(AttentionShape{q.heads(), k.heads(), q.rows(), k.rows(), q.dim(), v.dim()});
+  }
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(logit_dim)));
+  return AttentionProblem<Scalar>{.q = q,
+                                  .k = k,
+                                  .v = v,
+                                  .heads = q.heads(),
+                                  .queries = q.rows(),
+                                  .keys = k.rows(),
+                                  .query_dim = q.dim(),
+                                  .value_dim = v.dim(),
+                                  .logit_dim = logit_dim,
+                                  .heads_per_kv_head = q.heads() / k.heads(),
+                                  .query_offset = options.query_offset,
+                                  .query_positions = options.query_positions,
+                                  .key_positions = options.key_positions,
+                                  .query_segments = options.query_segments,
+                                  .key_segments = options.key_segments,
+                                  .mask = options.mask,
+                                  .scale = static_cast<Scalar>(scale),
+                                  .query_block = options.query_block,
+                                  .key_block = options.key_block,
+                                  .threads = options.threads};
+}
+
+template <class Scalar>
+void require_output_shape(const char* fn, const HeadsView<Scalar>& out,
+                          const AttentionProblem<Scalar>& p) {
+  detail::require(out.heads() == p.heads && out.rows() == p.queries && out.dim() == p.value_dim, fn,
+                  "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(),
+                  "] but must be [", p.heads, ", ", p.queries, ", ", p.value_dim, "]");
+}
+
+template <class Scalar>
+void fill_positions(const AttentionProblem<Scalar>& p, bool queries, Index first, Index count,
+                    std::vector<Index>& out) {
+  for (Index r = 0; r < count; ++r) {
+    out[static_cast<std::size_t>(r)] =
+        queries ? p.query_position(first + r) : p.key_position(first + r);
+  }
+}
+
+/// Extreme positions and segment ids of a block of rows.
+struct BlockExtent {
+  Index position_min, position_max, segment_min, segment_max;
+};
+
+template <class PositionOf>
+BlockExtent block_extent(PositionOf position_of, bool sorted, std::span<const Index> segments,
+                         Index first, Index count) {
+  BlockExtent e{position_of(first), position_of(first), 0, 0};
+  if (sorted) {
+    e.position_max = position_of(first + count - 1);
+  } else {
+    for (Index r = first; r < first + count; ++r) {
+      e.position_min = std::min(e.position_min, position_of(r));
+      e.position_max = std::max(e.position_max, position_of(r));
+    }
+  }
+  if (!segments.empty()) {
+    e.segment_min = e.segment_max = segments[static_cast<std::size_t>(first)];
+    for (Index r = first; r < first + count; ++r) {
+      e.segment_min = std::min(e.segment_min, segments[static_cast<std::size_t>(r)]);
+      e.segment_max = std::max(e.segment_max, segments[static_cast<std::size_t>(r)]);
+    }
+  }
+  return e;
+}
+
+template <class Scalar>
+BlockExtent query_extent(const AttentionProblem<Scalar>& p, Index first, Index count) {
+  return block_extent([&](Index r) { return p.query_position(r); }, p.query_positions.empty(),
+                      p.query_segments, first, count);
+}
+template <class Scalar>
+BlockExtent key_extent(const AttentionProblem<Scalar>& p, Index first, Index count) {
+  return block_extent([&](Index c) { return p.key_position(c); }, p.key_positions.empty(),
+                      p.key_segments, first, count);
+}
+
+}  // namespace posenc::kernel
