@@ -20,6 +20,8 @@
 #include "posenc/encoders/fire.hpp"
 #include "posenc/encoders/kerple.hpp"
 #include "posenc/encoders/t5_bias.hpp"
+#include "support/inputs.hpp"
+#include "support/timing.hpp"
 
 namespace {
 
@@ -30,47 +32,23 @@ constexpr Index bench_heads = 8;
 constexpr Index bench_tokens = 4096;
 constexpr Index head_dim = 64;
 
-struct Inputs {
-  Heads<float> q, k, v;
-};
+using Inputs = posenc::bench::NormalQkv;
+using Timing = posenc::bench::ProcessTiming;
 
 const Inputs& inputs() {
-  static const Inputs x = [] {
-    std::mt19937_64 rng(20261123);
-    std::normal_distribution<float> normal;
-    Inputs in{Heads<float>(bench_heads, bench_tokens, head_dim),
-              Heads<float>(bench_heads, bench_tokens, head_dim),
-              Heads<float>(bench_heads, bench_tokens, head_dim)};
-    for (Heads<float>* h : {&in.q, &in.k, &in.v}) {
-      for (Index i = 0; i < h->flat().size(); ++i) h->flat()[i] = normal(rng);
-    }
-    return in;
-  }();
+  static const Inputs x = posenc::bench::normal_qkv(bench_heads, bench_tokens, head_dim, 20261123);
   return x;
 }
 
 /// Wall-clock and process CPU seconds of one streaming attention call into `out`.
-struct Timing {
-  double wall;
-  double cpu;
-};
-
-inline double process_cpu_seconds() {
-  timespec t{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
-}
-
 template <class Encoder>
 Timing time_one(const Encoder& encoder, Heads<float>& out, int threads) {
   const Inputs& in = inputs();
-  const double cpu = process_cpu_seconds();
-  const auto start = std::chrono::steady_clock::now();
-  posenc::attention(in.q, in.k, in.v, encoder, out.view(),
-                    {.mask = posenc::Mask::causal(), .threads = threads});
-  benchmark::DoNotOptimize(out.data());
-  return {std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-          process_cpu_seconds() - cpu};
+  return posenc::bench::time_with_process_cpu([&] {
+    posenc::attention(in.q, in.k, in.v, encoder, out.view(),
+                      {.mask = posenc::Mask::causal(), .threads = threads});
+    benchmark::DoNotOptimize(out.data());
+  });
 }
 
 /// Times `encoder` (the benchmark's time) and, untimed before each iteration, NoPE. Counters:

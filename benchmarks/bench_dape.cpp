@@ -30,6 +30,8 @@
 #include "posenc/encoders/dape.hpp"
 #include "posenc/encoders/fire.hpp"
 #include "posenc/encoders/kerple.hpp"
+#include "support/inputs.hpp"
+#include "support/timing.hpp"
 
 namespace {
 
@@ -48,23 +50,13 @@ DapeKerple make_dape() {
       posenc::Kerple<float>::random(posenc::KerpleKernel::log, bench_heads, rng), dape_width, rng);
 }
 
-struct Inputs {
-  Heads<float> q, k, v;
-};
+using Inputs = posenc::bench::NormalQkv;
+using Timing = posenc::bench::ProcessTiming;
 
 Inputs make_inputs(Index tokens) {
-  std::mt19937_64 rng(20261123);
-  std::normal_distribution<float> normal;
-  Inputs in{Heads<float>(bench_heads, tokens, head_dim),
-            Heads<float>(bench_heads, tokens, head_dim),
-            Heads<float>(bench_heads, tokens, head_dim)};
-  for (Heads<float>* h : {&in.q, &in.k, &in.v}) {
-    for (Index i = 0; i < h->flat().size(); ++i) h->flat()[i] = normal(rng);
-  }
-  return in;
+  return posenc::bench::normal_qkv(bench_heads, tokens, head_dim, 20261123);
 }
 
-/// The inputs of one size, kept across benchmarks of that size.
 const Inputs& inputs(Index tokens) {
   static Index cached_tokens = 0;
   static Inputs cached{Heads<float>(0, 0, 0), Heads<float>(0, 0, 0), Heads<float>(0, 0, 0)};
@@ -75,24 +67,9 @@ const Inputs& inputs(Index tokens) {
   return cached;
 }
 
-inline double process_cpu_seconds() {
-  timespec t{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
-}
-
-struct Timing {
-  double wall;
-  double cpu;
-};
-
 template <class Run>
 Timing time_one(const Run& run) {
-  const double cpu = process_cpu_seconds();
-  const auto start = std::chrono::steady_clock::now();
-  run();
-  return {std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-          process_cpu_seconds() - cpu};
+  return posenc::bench::time_with_process_cpu(run);
 }
 
 /// Bytes of the N × N tensors one layer of the authors' DAPE materialises (batch 1, float):

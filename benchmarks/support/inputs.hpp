@@ -32,4 +32,21 @@ struct AttentionInputs {
         out(heads, rows, dim) {}
 };
 
+/// q, k, v [heads, rows, dim] with standard normal entries, drawn in that order from one
+/// std::mt19937_64(seed) (the DAPE and bias benchmarks' inputs).
+struct NormalQkv {
+  Heads<float> q, k, v;
+};
+
+inline NormalQkv normal_qkv(Index heads, Index rows, Index dim, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  NormalQkv in{Heads<float>(heads, rows, dim), Heads<float>(heads, rows, dim),
+               Heads<float>(heads, rows, dim)};
+  for (Heads<float>* h : {&in.q, &in.k, &in.v}) {
+    for (Index i = 0; i < h->flat().size(); ++i) h->flat()[i] = normal(rng);
+  }
+  return in;
+}
+
 }  // namespace posenc::bench

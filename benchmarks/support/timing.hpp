@@ -31,6 +31,27 @@ inline double thread_cpu_seconds() {
   return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
 }
 
+/// CPU seconds of the whole process, every thread (POSIX process CPU clock).
+inline double process_cpu_seconds() {
+  timespec now{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
+}
+
+/// Wall and whole-process CPU seconds of one call (every thread's CPU time counted).
+struct ProcessTiming {
+  double wall;
+  double cpu;
+};
+
+template <class Run>
+ProcessTiming time_with_process_cpu(const Run& run) {
+  const double cpu = process_cpu_seconds();
+  const auto start = Clock::now();
+  run();
+  return {seconds_since(start), process_cpu_seconds() - cpu};
+}
+
 /// Wall and calling-thread CPU seconds of one thing.
 struct Seconds {
   double wall;

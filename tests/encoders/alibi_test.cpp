@@ -19,23 +19,6 @@ using test::iota;
 using test::Json;
 using test::tile_of;
 
-/// [H][N][M] bias matrices of alibi.json ("-inf" strings allowed) as one matrix per head.
-std::vector<Matrix<double>> heads_of(const Json& x) {
-  std::vector<Matrix<double>> out;
-  for (const Json& head : x) {
-    Matrix<double> m(static_cast<Index>(head.size()), static_cast<Index>(head.at(0).size()));
-    for (Index r = 0; r < m.rows(); ++r) {
-      for (Index c = 0; c < m.cols(); ++c) {
-        const Json& value = head.at(r).at(c);
-        m(r, c) =
-            value.is_string() ? -std::numeric_limits<double>::infinity() : value.get<double>();
-      }
-    }
-    out.push_back(m);
-  }
-  return out;
-}
-
 TEST(AlibiSlopes, MatchTheAuthorsCodeBitForBit) {
   const Json golden = test::load_golden("alibi.json");
   for (const auto& [heads, slopes] : golden["outputs"]["slopes_python_double"].items()) {
@@ -73,8 +56,8 @@ TYPED_TEST(AlibiTest, CausalFormIsGptNeoxBias) {
   using T = TypeParam;
   const Json out = test::load_golden("alibi.json")["outputs"];
   const Alibi<T> alibi(3);
-  const auto want = heads_of(out["gptneox_bias[head][query][key]"]);
-  const auto decode = heads_of(out["gptneox_bias_decode_step[head][1][key]"]);
+  const auto want = test::to_matrices(out["gptneox_bias[head][query][key]"]);
+  const auto decode = test::to_matrices(out["gptneox_bias_decode_step[head][1][key]"]);
   for (Index h = 0; h < 3; ++h) {
     const auto tile = tile_of(alibi, h, iota(6, 0), iota(6, 0));
     ASSERT_TRUE(tile.allFinite());
@@ -92,8 +75,8 @@ TYPED_TEST(AlibiTest, SymmetricFormIsOpenNmtBias) {
   using T = TypeParam;
   const Json out = test::load_golden("alibi.json")["outputs"];
   const Alibi<T> alibi(3, BiasForm::symmetric);
-  const auto square = heads_of(out["onmt_bias[head][query][key]"]);
-  const auto two_queries = heads_of(out["onmt_bias_2queries[head][query][key]"]);
+  const auto square = test::to_matrices(out["onmt_bias[head][query][key]"]);
+  const auto two_queries = test::to_matrices(out["onmt_bias_2queries[head][query][key]"]);
   for (Index h = 0; h < 3; ++h) {
     EXPECT_EQ(tile_of(alibi, h, iota(6, 0), iota(6, 0)).template cast<double>(),
               square[static_cast<std::size_t>(h)]);
@@ -107,7 +90,7 @@ TYPED_TEST(AlibiTest, AuthorsRowsDifferByARowConstantOnly) {
   // fairseq's m·j rows equal −m(i − j) + m·i on the allowed entries: the same softmax.
   using T = TypeParam;
   const Json out = test::load_golden("alibi.json")["outputs"];
-  const auto authors = heads_of(out["ofirpress_future_mask[head][query][key]"]);
+  const auto authors = test::to_matrices(out["ofirpress_future_mask[head][query][key]"]);
   const Alibi<T> alibi(3, BiasForm::causal, AlibiSlopes::float32);  // their float32 buffer
   for (Index h = 0; h < 3; ++h) {
     const auto tile = tile_of(alibi, h, iota(6, 0), iota(6, 0));

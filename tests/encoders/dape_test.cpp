@@ -29,25 +29,8 @@ static_assert(ScoreMixer<DapeV2<double, Kerple<double>>>);
 static_assert(!ScoreBias<Dape<float, Alibi<float>>> && !ScoreBias<DapeV2<float, Fire<float>>>,
               "B would be added twice");
 
-/// A JSON array of any depth, flattened row-major into a [size, rest] matrix: a Linear weight
-/// [out][in] as it is, a Conv2d weight [out][in][1][k] as [out, in·k].
-void flatten_into(const Json& x, std::vector<double>& out) {
-  if (x.is_array()) {
-    for (const Json& y : x) flatten_into(y, out);
-  } else {
-    out.push_back(x.get<double>());
-  }
-}
-Matrix<double> flat_rows(const Json& x) {
-  std::vector<double> values;
-  flatten_into(x, values);
-  const auto rows = static_cast<Index>(x.size());
-  const auto cols = static_cast<Index>(values.size()) / rows;
-  return Eigen::Map<const Matrix<double>>(values.data(), rows, cols);
-}
-
 DapeWeights weights_of(const Json& mlp) {
-  return {flat_rows(mlp["w1"]), test::to_vector(mlp["b1"]), flat_rows(mlp["w2"]),
+  return {test::flat_rows(mlp["w1"]), test::to_vector(mlp["b1"]), test::flat_rows(mlp["w2"]),
           test::to_vector(mlp["b2"])};
 }
 

@@ -18,34 +18,6 @@
 
 namespace posenc::test {
 
-/// A [pos][head][dim] JSON array as Heads [head, pos, dim].
-inline Heads<double> tokens_to_heads(const Json& x) {
-  const auto length = static_cast<Index>(x.size());
-  const auto heads = static_cast<Index>(x.at(0).size());
-  const auto dim = static_cast<Index>(x.at(0).at(0).size());
-  Heads<double> out(heads, length, dim);
-  for (Index t = 0; t < length; ++t) {
-    for (Index h = 0; h < heads; ++h) {
-      for (Index d = 0; d < dim; ++d) out(h, t, d) = number(x.at(t).at(h).at(d));
-    }
-  }
-  return out;
-}
-
-/// A [head][rows][cols] or [rows][cols]-per-head JSON array flattened to one vector.
-inline Vector<double> flatten(const Json& x) {
-  std::vector<double> values;
-  auto walk = [&](auto&& self, const Json& node) -> void {
-    if (node.is_array()) {
-      for (const Json& child : node) self(self, child);
-    } else {
-      values.push_back(number(node));
-    }
-  };
-  walk(walk, x);
-  return Eigen::Map<const Vector<double>>(values.data(), static_cast<Index>(values.size()));
-}
-
 /// Golden tolerance in double: the reference is float64 and the formulas are short sums.
 inline constexpr double golden_tolerance = 1e-12;
 
