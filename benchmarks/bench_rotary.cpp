@@ -65,7 +65,9 @@ void BM_TransformKeys(benchmark::State& state, Encoder encoder) {
 }
 
 BENCHMARK(BM_CopyBaseline<float>)->Name("Transform/memcpy/float");
-BENCHMARK_CAPTURE(BM_TransformKeys, rope_interleaved, posenc::RotaryEncoding<float>(head_dim))
+BENCHMARK_CAPTURE(BM_TransformKeys, rope_interleaved,
+                  posenc::RotaryEncoding<float>(head_dim,
+                                                {.pairing = posenc::RotaryPairing::interleaved}))
     ->Name("Transform/rope_interleaved/float");
 BENCHMARK_CAPTURE(BM_TransformKeys, rope_half,
                   posenc::RotaryEncoding<float>(head_dim, {.pairing = posenc::RotaryPairing::half}))
@@ -107,7 +109,9 @@ void attention_args(benchmark::internal::Benchmark* b) {
 BENCHMARK_CAPTURE(BM_Attention, nope, posenc::NoPositionalEncoding{})
     ->Name("Attention/nope")
     ->Apply(attention_args);
-BENCHMARK_CAPTURE(BM_Attention, rope, posenc::RotaryEncoding<float>(head_dim))
+BENCHMARK_CAPTURE(BM_Attention, rope,
+                  posenc::RotaryEncoding<float>(head_dim,
+                                                {.pairing = posenc::RotaryPairing::interleaved}))
     ->Name("Attention/rope")
     ->Apply(attention_args);
 BENCHMARK_CAPTURE(BM_Attention, xpos, posenc::XPosEncoding<float>(head_dim))

@@ -1,11 +1,16 @@
 # SPDX-License-Identifier: MIT
 # Flags for posenc's own tests, benchmarks and examples (never exported to consumers): warnings as
-# errors, optionally -march=native, and the sanitizers named in POSENC_SANITIZE.
+# errors, optionally -march=native (POSENC_NATIVE: through posenc::native), and the sanitizers
+# named in POSENC_SANITIZE.
 add_library(posenc_warnings INTERFACE)
 target_compile_options(posenc_warnings INTERFACE
   $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Werror>)
 if(POSENC_NATIVE)
-  target_compile_options(posenc_warnings INTERFACE $<$<CXX_COMPILER_ID:GNU,Clang>:-march=native>)
+  # The same flag users get from posenc::native (empty if the compiler rejects -march=native).
+  target_link_libraries(posenc_warnings INTERFACE posenc::native)
+  if(NOT POSENC_NATIVE_FLAGS)
+    message(STATUS "posenc: the compiler does not accept -march=native; POSENC_NATIVE has no effect")
+  endif()
 endif()
 # GCC 12 reports false -W(maybe-)uninitialized inside its own AVX-512 intrinsics (their
 # `__m512d __Y = __Y;` placeholders) whenever Eigen's GEMM, reductions or vectorised log/sqrt

@@ -27,7 +27,8 @@ int main() {
   };
   const Matrix<double> w_q_half = convert(w_q), w_k_half = convert(w_k);
 
-  const RotaryEncoding<double> interleaved(dim, {.rotary_dim = rotary_dim});
+  const RotaryEncoding<double> interleaved(
+      dim, {.rotary_dim = rotary_dim, .pairing = RotaryPairing::interleaved});
   const RotaryEncoding<double> half(dim,
                                     {.rotary_dim = rotary_dim, .pairing = RotaryPairing::half});
   std::vector<Index> positions(tokens);

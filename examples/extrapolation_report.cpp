@@ -11,6 +11,7 @@
 // PATH (docs/extrapolation_curves.png is made this way). --require-plots: fail when gnuplot is
 // missing or fails (the demo command uses it). Adding an encoder is one line in `encoders()`.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <posenc/posenc.hpp>
@@ -76,7 +78,8 @@ auto encoders(const Settings& s) {
       Entry{"sinusoidal",
             "sinusoidal absolute p_i (Vaswani et al.) added to q_i and k_i, identity projections",
             NoPositionalEncoding{}, true},
-      Entry{"rope", "RoPE, base 10000, interleaved pairs", RotaryEncoding<Scalar>(s.dim)},
+      Entry{"rope", "RoPE, base 10000, interleaved pairs",
+            RotaryEncoding<Scalar>(s.dim, {.pairing = RotaryPairing::interleaved})},
       Entry{"xpos", "XPos, gamma 0.4, scale_base 512", XPosEncoding<Scalar>(s.dim)},
       Entry{"alibi", "ALiBi, slopes 2^(-8h/H)", alibi},
       Entry{"kerple_log", "KERPLE-log, reference initialisation (r1 ~ U[0,2), r2 ~ U[0,1))",
@@ -196,6 +199,12 @@ struct Measure {
 };
 inline constexpr int measure_count = 8;
 
+/// The means over heads of one encoder, one row per length (what the curves plot).
+struct Curves {
+  std::string name;
+  std::vector<std::array<double, measure_count>> means;
+};
+
 double field(const Measure& m, int i) {
   const double values[measure_count] = {m.resolution,   m.trf_at,        m.erf,
                                         m.entropy,      m.mean_distance, m.mass_beyond,
@@ -251,10 +260,49 @@ std::string table_number(double x, const char* format) {
   return buffer;
 }
 
+/// "0-3, 5" for the sorted heads {0, 1, 2, 3, 5}.
+std::string head_ranges(const std::vector<Index>& heads) {
+  std::string text;
+  for (std::size_t i = 0; i < heads.size();) {
+    std::size_t j = i;
+    while (j + 1 < heads.size() && heads[j + 1] == heads[j] + 1) ++j;
+    if (!text.empty()) text += ", ";
+    text += std::to_string(heads[i]);
+    if (j > i) {
+      text += '-';
+      text += std::to_string(heads[j]);
+    }
+    i = j + 1;
+  }
+  return text;
+}
+
+/// The reasons of the per-head TRFs, each distinct reason once with the heads that give it.
+void print_reasons(const std::vector<posenc::ReceptiveField>& trf) {
+  std::vector<bool> printed(trf.size(), false);
+  for (std::size_t h = 0; h < trf.size(); ++h) {
+    if (printed[h]) continue;
+    std::vector<Index> heads;
+    for (std::size_t g = h; g < trf.size(); ++g) {
+      if (!printed[g] && trf[g].reason == trf[h].reason) {
+        printed[g] = true;
+        heads.push_back(static_cast<Index>(g));
+      }
+    }
+    const std::string range = head_ranges(heads);
+    const std::string label = (heads.size() == 1 ? "head " : "heads ") + range;
+    if (trf[h].reason.starts_with(label + ' ')) {  // "head 2 of ALiBi: …" names its head already
+      std::printf("  %s\n", trf[h].reason.c_str());
+    } else {
+      std::printf("  %s: %s\n", label.c_str(), trf[h].reason.c_str());
+    }
+  }
+}
+
 /// Runs one encoder: table on stdout, CSV and attention-map data on disk.
 template <class Encoder>
 void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& absolute,
-            const Settings& s, std::vector<std::string>& names) {
+            const Settings& s, std::vector<Curves>& curves) {
   const Inputs& in = entry.absolute ? absolute : plain;
   std::printf("\n== %s: %s ==\n", entry.name.c_str(), entry.description.c_str());
   std::vector<posenc::ReceptiveField> trf;
@@ -264,11 +312,7 @@ void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& abso
     std::printf(" %s", trf_text(trf.back()).c_str());
   }
   std::printf("\n");
-  if (trf.front().additive) {
-    for (const auto& f : trf) std::printf("  %s\n", f.reason.c_str());
-  } else {
-    std::printf("  %s\n", trf.front().reason.c_str());
-  }
+  print_reasons(trf);
   if constexpr (requires { entry.encoder.base_bias(); }) {
     std::printf("TRF_%g of the base bias alone per head:", s.eps);
     for (Index h = 0; h < s.heads; ++h) {
@@ -281,7 +325,7 @@ void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& abso
   if constexpr (requires { posenc::rotary_score_curve(entry.encoder, Index{1}); }) {
     std::printf("design-time R(g) of the encoder (rotary_score_curve, sum form), N = length:");
     for (const Index length : s.lengths) {
-      std::printf(" %.3g",
+      std::printf(" %.2e",
                   posenc::attention_resolution(posenc::rotary_score_curve(entry.encoder, length)));
     }
     std::printf("\n");
@@ -302,9 +346,10 @@ void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& abso
   const posenc::Heads<Scalar> prefix =
       posenc::attention(in.q.view().middle_rows(0, s.train), in.k.view().middle_rows(0, s.train),
                         in.v.view().middle_rows(0, s.train), entry.encoder);
+  Curves result{entry.name, {}};
   for (const Index length : s.lengths) {
     const std::vector<Measure> m = measure(entry, in, s, length, prefix);
-    double mean[measure_count] = {};
+    std::array<double, measure_count> mean{};
     for (Index h = 0; h < s.heads; ++h) {
       const Measure& x = m[static_cast<std::size_t>(h)];
       csv << length << ',' << h << ',' << trf_text(trf[static_cast<std::size_t>(h)]);
@@ -321,11 +366,14 @@ void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& abso
       write_csv_number(means, x);
     }
     means << '\n';
+    result.means.push_back(mean);
+    // One format per column: scientific where a column spans decades (R, drift 0:T), fixed
+    // decimals elsewhere.
     std::printf("%7ld %9s %8s %8s %8s %9s %8s %9s %9s\n", static_cast<long>(length),
-                table_number(mean[0], "%.3g").c_str(), table_number(mean[1], "%.1f").c_str(),
+                table_number(mean[0], "%.2e").c_str(), table_number(mean[1], "%.1f").c_str(),
                 table_number(mean[2], "%.1f").c_str(), table_number(mean[3], "%.3f").c_str(),
                 table_number(mean[4], "%.1f").c_str(), table_number(mean[5], "%.4f").c_str(),
-                table_number(mean[6], "%.4f").c_str(), table_number(mean[7], "%.2g").c_str());
+                table_number(mean[6], "%.4f").c_str(), table_number(mean[7], "%.2e").c_str());
   }
 
   // The full causal attention map of head map_head at map_length, for the heat map.
@@ -342,12 +390,13 @@ void report(const Entry<Encoder>& entry, const Inputs& plain, const Inputs& abso
       map.write(reinterpret_cast<const char*>(&value), sizeof value);
     }
   }
-  names.push_back(entry.name);
+  curves.push_back(std::move(result));
 }
 
 bool have_gnuplot() { return std::system("command -v gnuplot > /dev/null 2>&1") == 0; }
 
-/// 14 distinguishable line styles (colour, dash, point) for the curves.
+/// 14 distinguishable line styles: a colour, a marker and a dash pattern each (a curve hidden
+/// under another still shows its markers and dashes between the other's).
 void write_line_styles(std::ofstream& gp, std::size_t count) {
   const char* colours[] = {"#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3",
                            "#ff7f00", "#a65628", "#f781bf", "#666666", "#1b9e77",
@@ -355,36 +404,108 @@ void write_line_styles(std::ofstream& gp, std::size_t count) {
   constexpr std::size_t palette = sizeof colours / sizeof colours[0];
   for (std::size_t i = 0; i < count; ++i) {
     gp << "set linetype " << i + 1 << " lc rgb '" << colours[i % palette] << "' lw 1.6 dt "
-       << (i < 7 ? 1 : 2) << " pt " << i % 13 + 1 << " ps 0.8\n";
+       << i % 5 + 1 << " pt " << i % 14 + 1 << " ps 0.9\n";
   }
 }
 
+/// How one encoder's curve in a panel relates to the encoders before it.
+struct CurveRole {
+  bool drawn = false;       // false: no finite value (no curve), or identical to `same_as`
+  std::size_t same_as = 0;  // index of the first encoder with an identical curve (if !drawn)
+  bool identical = false;
+  std::optional<std::size_t> overlaps;  // an earlier drawn curve it lies on (within 1% of the axis)
+};
+
+/// Per encoder, its role in the panel of measure `column`. Identical: every length agrees to
+/// 1e-9 relative (1e-12 absolute near zero), NaN where the other is NaN. Overlapping: every
+/// length within 1% of the panel's y span in plotted coordinates (log10 on a log axis).
+std::vector<CurveRole> curve_roles(const std::vector<Curves>& curves, int column, bool log_y) {
+  const auto value = [&](std::size_t e, std::size_t l) { return curves[e].means[l][column]; };
+  const std::size_t lengths = curves.front().means.size();
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  const auto plotted = [&](double y) { return log_y ? std::log10(y) : y; };
+  for (std::size_t e = 0; e < curves.size(); ++e) {
+    for (std::size_t l = 0; l < lengths; ++l) {
+      const double y = value(e, l);
+      if (std::isnan(y) || (log_y && !(y > 0.0))) continue;
+      lo = std::min(lo, plotted(y));
+      hi = std::max(hi, plotted(y));
+    }
+  }
+  const double span = hi > lo ? hi - lo : 1.0;
+  std::vector<CurveRole> roles(curves.size());
+  for (std::size_t e = 0; e < curves.size(); ++e) {
+    bool finite = false;
+    for (std::size_t l = 0; l < lengths; ++l) finite = finite || !std::isnan(value(e, l));
+    if (!finite) continue;
+    roles[e].drawn = true;
+    for (std::size_t f = 0; f < e && roles[e].drawn; ++f) {
+      if (!roles[f].drawn) continue;  // compare with the drawn representatives only
+      bool identical = true, overlaps = true;
+      for (std::size_t l = 0; l < lengths; ++l) {
+        const double a = value(e, l), b = value(f, l);
+        if (std::isnan(a) || std::isnan(b)) {
+          identical = overlaps = identical && std::isnan(a) && std::isnan(b);
+          continue;
+        }
+        identical = identical &&
+                    std::abs(a - b) <= 1e-9 * std::max(std::abs(a), std::abs(b)) + 1e-12;
+        overlaps = overlaps && (!log_y || (a > 0.0 && b > 0.0)) &&
+                   std::abs(plotted(a) - plotted(b)) <= 0.01 * span;
+      }
+      if (identical) {
+        roles[e] = {false, f, true, std::nullopt};
+      } else if (overlaps && !roles[e].overlaps) {
+        roles[e].overlaps = f;
+      }
+    }
+  }
+  return roles;
+}
+
+/// "a, b, c" wrapped into lines of at most `width` characters, as a gnuplot string ("\n").
+std::string wrapped(const std::string& head, const std::vector<std::string>& words,
+                    std::size_t width) {
+  std::string text = head, line = head;
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const std::string word = words[i] + (i + 1 < words.size() ? ", " : "");
+    if (line.size() + word.size() > width) {
+      text += "\\n  ";
+      line = "  ";
+    }
+    text += word;
+    line += word;
+  }
+  return text;
+}
+
 /// Writes plots.gp and runs gnuplot. Returns the PNG paths, empty on failure.
-std::vector<std::filesystem::path> plot(const Settings& s, const std::vector<std::string>& names) {
+std::vector<std::filesystem::path> plot(const Settings& s, const std::vector<Curves>& curves) {
   const bool cairo = std::system("gnuplot -e 'set terminal pngcairo' > /dev/null 2>&1") == 0;
   const std::string terminal =
       cairo ? "pngcairo noenhanced font 'sans,10' size " : "png noenhanced size ";
-  const std::filesystem::path curves = s.out / "curves_vs_length.png";
+  const std::filesystem::path curves_png = s.out / "curves_vs_length.png";
   const std::filesystem::path maps = s.out / "attention_maps.png";
   const std::filesystem::path script_path = s.out / "plots.gp";
-  std::vector<std::filesystem::path> pngs{curves, maps};
+  std::vector<std::filesystem::path> pngs{curves_png, maps};
   const Index n = std::min(s.map_length, s.lengths.back());
   std::ofstream gp(script_path);
   gp << "# Generated by posenc_example_extrapolation_report.\n";
-  write_line_styles(gp, names.size());
-  gp << "encoders = '";
-  for (const auto& name : names) gp << name << ' ';
-  gp << "'\ndir = '" << s.out.string() << "/'\n";
+  write_line_styles(gp, curves.size());
+  gp << "dir = '" << s.out.string() << "/'\n";
 
-  // 1. Curves against the context length: 8 panels and a key.
-  gp << "set terminal " << terminal << "1600,900\nset output '" << curves.string() << "'\n"
-     << "set datafile separator ','\nset multiplot layout 3,3 title 'posenc extrapolation "
-     << "report: trained at " << s.train << ", " << s.heads << " heads, head dim " << s.dim
-     << ", means over heads and the last " << s.probe_rows << " queries (drift 0:T: the first "
-     << s.train << " queries)'\n"
-     << "set logscale x 2\nset grid\nunset key\nset xlabel 'context length L'\n";
+  // 1. Curves against the context length: 8 panels, each with its own key (only the encoders
+  // with a curve in it; identical curves drawn once and named so), and a panel of notes.
+  gp << "set terminal " << terminal << "2000,1250\nset output '" << curves_png.string() << "'\n"
+     << "set datafile separator ','\nset multiplot layout 3,3 margins 0.035,0.885,0.05,0.93 "
+     << "spacing 0.145,0.085 title 'posenc extrapolation report: trained at " << s.train << ", "
+     << s.heads << " heads, head dim " << s.dim << ", means over heads and the last "
+     << s.probe_rows << " queries (drift 0:T: the first " << s.train << " queries)'\n"
+     << "set logscale x 2\nset grid\nset xlabel 'context length L'\n"
+     << "set key at graph 1.03, graph 1.02 top left vertical Left reverse samplen 2.5 "
+     << "spacing 0.95 font ',8'\n";
   struct Panel {
-    int column;
+    int column;  // in <name>_mean.csv (1: length)
     std::string title;
     bool log_y;
   };
@@ -402,45 +523,93 @@ std::vector<std::filesystem::path> plot(const Settings& s, const std::vector<std
        "drift of the first " + std::to_string(s.train) +
            " outputs vs L = " + std::to_string(s.train),
        false}};
+  std::vector<std::string> without_trf;
   for (const Panel& p : panels) {
+    const std::vector<CurveRole> roles = curve_roles(curves, p.column - 2, p.log_y);
     gp << (p.log_y ? "set logscale y 10\n" : "unset logscale y\n") << "set title '" << p.title
-       << "'\nplot for [i=1:words(encoders)] dir.word(encoders, i).'_mean.csv' using 1:" << p.column
-       << " skip 1 with linespoints lt i title word(encoders, i)\n";
+       << "'\nplot ";
+    bool first = true;
+    for (std::size_t e = 0; e < curves.size(); ++e) {
+      const CurveRole& role = roles[e];
+      const std::string& name = curves[e].name;
+      if (!role.drawn && !role.identical) {  // no finite value: no curve, no key entry
+        if (p.column == 3) without_trf.push_back(name);
+        continue;
+      }
+      gp << (first ? "" : ", \\\n     ");
+      first = false;
+      if (role.identical) {  // a key entry in the style of the curve it is identical to
+        gp << "keyentry with linespoints lt " << role.same_as + 1 << " title '" << name
+           << ": identical to " << curves[role.same_as].name << "'";
+      } else {
+        gp << "dir.'" << name << "_mean.csv' using 1:" << p.column
+           << " skip 1 with linespoints lt " << e + 1 << " title '" << name;
+        if (role.overlaps) gp << ": on " << curves[*role.overlaps].name;
+        gp << "'";
+      }
+    }
+    gp << '\n';
   }
+  // The ninth cell: what the keys mean.
+  std::vector<std::string> notes{
+      "Each panel's key lists only the encoders with a curve in it.",
+      "'a: identical to b': a's curve equals b's at every length (to 1e-9",
+      "  relative, checked numerically); it is drawn once, in b's style.",
+      "'a: on b': a's curve lies within 1% of the axis of b's at every",
+      "  length (both drawn; tell them apart by marker and dash).",
+  };
+  if (!without_trf.empty()) {
+    notes.push_back("No TRF curve (not an additive bias; the reason is printed");
+    notes.push_back(wrapped("  above each table): ", without_trf, 66));
+  }
+  notes.push_back("Attention maps: attention_maps.png, <name>_map.png.");
   gp << "unset logscale\nunset grid\nunset title\nunset xlabel\nunset border\nunset tics\n"
-     << "set key center center maxrows 7 box\nset xrange [0:1]\nset yrange [0:1]\n"
-     << "plot for [i=1:words(encoders)] 2 with linespoints lt i title word(encoders, i)\n"
-     << "unset multiplot\nset border\nset tics\nunset key\nset autoscale\n";
+     << "unset key\nset xrange [0:1]\nset yrange [0:1]\nset label 1 \"";
+  for (std::size_t i = 0; i < notes.size(); ++i) gp << (i ? "\\n" : "") << notes[i];
+  gp << "\" at graph -0.05, graph 0.95 left front font ',10'\n"
+     << "plot 2 notitle\nunset label 1\n"
+     << "unset multiplot\nset border\nset tics\nset autoscale\n";
 
-  // 2. Attention maps of head map_head at n tokens: one grid, and one file per encoder.
+  // 2. Attention maps of head map_head at n tokens: one grid with a shared colour bar, and one
+  // file per encoder.
+  const Index tic = std::max<Index>(n / 4, 1);
   gp << "set datafile separator whitespace\n"
      << "set palette defined (0 '#440154', 1 '#3b528b', 2 '#21908d', 3 '#5dc963', 4 '#fde725')\n"
      << "set size ratio -1\nset xrange [-0.5:" << n << "-0.5]\nset yrange [" << n
-     << "-0.5:-0.5]\nset cbrange [-6:0]\n";
+     << "-0.5:-0.5]\nset cbrange [-6:0]\n"
+     << "set cbtics ('<= -6' -6, '-5' -5, '-4' -4, '-3' -3, '-2' -2, '-1' -1, '0' 0)\n"
+     << "set xtics 0," << tic << ',' << n - 1 << " out nomirror\nset ytics 0," << tic << ','
+     << n - 1 << " out nomirror\n"
+     << "set xlabel 'key position'\nset ylabel 'query position'\n"
+     << "set cblabel 'log10 attention weight (white: weight 0, masked)'\n";
   const auto map_plot = [&](const std::string& name) {
     gp << "plot dir.'" << name << "_map.f32' binary array=(" << n << ',' << n
        << ") format='%float' with image notitle\n";
   };
   const std::size_t grid_columns = 5;
-  const std::size_t grid_rows = (names.size() + grid_columns - 1) / grid_columns;
-  gp << "set terminal " << terminal << "1600," << 330 * grid_rows + 40 << "\nset output '"
+  const std::size_t grid_rows = (curves.size() + grid_columns - 1) / grid_columns;
+  gp << "set terminal " << terminal << "1700," << 360 * grid_rows + 60 << "\nset output '"
      << maps.string() << "'\nset multiplot layout " << grid_rows << ',' << grid_columns
+     << " margins 0.04,0.89,0.06,0.93 spacing 0.04,0.09"
      << " title 'attention weights of head " << s.map_head << " at " << n
-     << " tokens (log10, white: 0; x: key, y: query; trained at " << s.train << ")'\n"
-     << "unset xtics\nunset ytics\nunset colorbox\n";
-  for (const auto& name : names) {
-    gp << "set title '" << name << "'\n";
-    map_plot(name);
+     << " tokens (trained at " << s.train << ")'\n"
+     << "set xlabel offset 0,0.5 font ',9'\nset ylabel offset 1.5,0 font ',9'\n"
+     << "set tics font ',8'\n";
+  for (std::size_t e = 0; e < curves.size(); ++e) {
+    // The one colour bar of the grid, drawn with the first map in the right margin.
+    gp << (e == 0 ? "set colorbox user origin 0.925,0.15 size 0.015,0.7\n" : "unset colorbox\n")
+       << "set title '" << curves[e].name << "'\n";
+    map_plot(curves[e].name);
   }
-  gp << "unset multiplot\nset xtics\nset ytics\nset colorbox\n"
-     << "set xlabel 'key position'\nset ylabel 'query position'\nset cblabel 'log10 weight'\n";
-  for (const auto& name : names) {
-    const std::filesystem::path png = s.out / (name + "_map.png");
+  gp << "unset multiplot\nset colorbox default\nset tics font ',10'\n"
+     << "set xlabel offset 0,0 font ',10'\nset ylabel offset 0,0 font ',10'\n";
+  for (const auto& c : curves) {
+    const std::filesystem::path png = s.out / (c.name + "_map.png");
     pngs.push_back(png);
     gp << "set terminal " << terminal << "700,640\nset output '" << png.string() << "'\n"
-       << "set title '" << name << ": attention weights of head " << s.map_head << " at " << n
-       << " tokens (log10; white: weight 0)'\n";
-    map_plot(name);
+       << "set title '" << c.name << ": attention weights of head " << s.map_head << " at " << n
+       << " tokens'\n";
+    map_plot(c.name);
   }
   gp.close();
   const std::string command = "gnuplot '" + script_path.string() + "'";
@@ -505,18 +674,20 @@ int main(int argc, char** argv) {
 
   const Inputs plain = make_inputs(s);
   const Inputs absolute = with_sinusoidal(plain, s);
-  std::vector<std::string> names;
-  std::apply([&](const auto&... entry) { (report(entry, plain, absolute, s, names), ...); },
+  std::vector<Curves> curves;
+  std::apply([&](const auto&... entry) { (report(entry, plain, absolute, s, curves), ...); },
              encoders(s));
 
   std::printf("\nCSV (per head in <name>.csv, means over heads in <name>_mean.csv):\n");
-  for (const auto& name : names) std::printf("  %s\n", (s.out / (name + ".csv")).string().c_str());
+  for (const auto& c : curves) {
+    std::printf("  %s\n", (s.out / (c.name + ".csv")).string().c_str());
+  }
   if (!s.plots) return 0;
   if (!have_gnuplot()) {
     std::printf("\ngnuplot not found: no PNG written (install it: apt-get install gnuplot-nox).\n");
     return s.require_plots ? 1 : 0;
   }
-  const auto pngs = plot(s, names);
+  const auto pngs = plot(s, curves);
   if (pngs.empty()) {
     std::printf("\ngnuplot failed on %s: no PNG written.\n", (s.out / "plots.gp").string().c_str());
     return s.require_plots ? 1 : 0;

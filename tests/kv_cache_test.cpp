@@ -136,7 +136,7 @@ TEST(KvCache, SlidingWindowEvictsWhatNoLaterQueryCanSee) {
   const Heads<double> q = test::random_heads<double>(2, n, 8, rng);
   const Heads<double> k = test::random_heads<double>(2, n, 8, rng);
   const Heads<double> v = test::random_heads<double>(2, n, 8, rng);
-  const RotaryEncoding<double> rope(8);
+  const RotaryEncoding<double> rope(8, {.pairing = RotaryPairing::interleaved});
   const auto full = attention_reference(q, k, v, rope, {.mask = Mask::sliding_window(window)});
   KvCache cache(rope, 2, 8, {.mask = Mask::sliding_window(window)});
   Heads<double> out(2, n, 8);

@@ -21,23 +21,49 @@
 
 namespace posenc {
 
+namespace detail {
+
+/// Throws unless row_max and row_sum of `partial` are [heads, rows] of its output.
+template <class Scalar, class Partial>
+void require_partial_shape(const char* fn, const char* name, const Partial& partial) {
+  const Index heads = partial.output.heads();
+  const Index rows = partial.output.rows();
+  require(partial.row_max.rows() == heads && partial.row_max.cols() == rows &&
+              partial.row_sum.rows() == heads && partial.row_sum.cols() == rows,
+          fn, name, ".row_max and ", name, ".row_sum must be [heads, rows] = [", heads, ", ", rows,
+          "] like its output, got [", partial.row_max.rows(), ", ", partial.row_max.cols(),
+          "] and [", partial.row_sum.rows(), ", ", partial.row_sum.cols(), "]");
+}
+
+}  // namespace detail
+
 /// Attention over a subset of the keys, before normalisation, so that pieces computed
 /// separately (threads, processes, machines) combine exactly with merge_partials.
-/// For query row i of head h: row_max = max_j s_ij over the allowed keys of the subset (−inf if
-/// none), row_sum = Σ_j exp(s_ij − row_max), output = Σ_j exp(s_ij − row_max)·v_j.
+/// For query row i of head h, over the allowed keys j of the subset:
+///   row_max = max_j s_ij, row_sum = Σ_j exp(s_ij − row_max), output = Σ_j exp(s_ij − row_max)·v_j.
+/// A row with no allowed key in the subset: row_max = −inf, row_sum = 0, output 0. Non-finite
+/// scores give what the formulas give in IEEE arithmetic (README, "Non-finite values"): a NaN
+/// score gives row_max = NaN; allowed keys that all score −inf give row_max = −inf and
+/// row_sum = NaN (exp(−inf − (−inf))); row_sum and output are then NaN.
 template <class Scalar>
 struct AttentionPartial {
   Heads<Scalar> output;    // [H, N, Dv], unnormalised
   Matrix<Scalar> row_max;  // [H, N]
   Matrix<Scalar> row_sum;  // [H, N]
 
-  /// The attention output output / row_sum; rows with no allowed key are zero.
+  /// The attention output output / row_sum: zero for rows with no allowed key (row_sum 0), NaN
+  /// where row_sum is NaN. Throws when row_max or row_sum is not [heads, rows].
   Heads<Scalar> normalized() const {
+    detail::require_partial_shape<Scalar>("posenc::AttentionPartial::normalized", "this", *this);
     Heads<Scalar> result(output.heads(), output.rows(), output.dim());
     for (Index h = 0; h < output.heads(); ++h) {
       for (Index r = 0; r < output.rows(); ++r) {
         const Scalar sum = row_sum(h, r);
-        if (sum > Scalar(0)) result.head(h).row(r) = output.head(h).row(r) / sum;
+        if (sum == Scalar(0)) {
+          result.head(h).row(r).setZero();
+        } else {
+          result.head(h).row(r) = output.head(h).row(r) / sum;
+        }
       }
     }
     return result;
@@ -45,7 +71,9 @@ struct AttentionPartial {
 };
 
 /// Combines the partials of two disjoint key subsets into the partial of their union (exact up
-/// to rounding: the online-softmax rescaling). Throws when the shapes differ.
+/// to rounding: the online-softmax rescaling; the same in either argument order). A NaN row_max
+/// makes the merged row NaN; a subset whose row_max is −inf adds nothing unless neither subset
+/// has a larger score (its weight exp(−inf − max) is 0). Throws when the shapes differ.
 template <class Scalar>
 AttentionPartial<Scalar> merge_partials(const AttentionPartial<Scalar>& a,
                                         const AttentionPartial<Scalar>& b) {
@@ -55,32 +83,45 @@ AttentionPartial<Scalar> merge_partials(const AttentionPartial<Scalar>& a,
                   fn, "outputs have shapes [", a.output.heads(), ", ", a.output.rows(), ", ",
                   a.output.dim(), "] and [", b.output.heads(), ", ", b.output.rows(), ", ",
                   b.output.dim(), "]");
-  detail::require(
-      a.row_max.rows() == a.output.heads() && a.row_max.cols() == a.output.rows() &&
-          a.row_sum.rows() == a.row_max.rows() && a.row_sum.cols() == a.row_max.cols() &&
-          b.row_max.rows() == a.row_max.rows() && b.row_max.cols() == a.row_max.cols() &&
-          b.row_sum.rows() == a.row_max.rows() && b.row_sum.cols() == a.row_max.cols(),
-      fn, "row_max/row_sum must be [heads, rows] = [", a.output.heads(), ", ", a.output.rows(),
-      "], got a.row_max [", a.row_max.rows(), ", ", a.row_max.cols(), "] and b.row_max [",
-      b.row_max.rows(), ", ", b.row_max.cols(), "]");
+  detail::require_partial_shape<Scalar>(fn, "a", a);
+  detail::require_partial_shape<Scalar>(fn, "b", b);
   AttentionPartial<Scalar> merged{Heads<Scalar>(a.output.heads(), a.output.rows(), a.output.dim()),
                                   Matrix<Scalar>(a.row_max.rows(), a.row_max.cols()),
                                   Matrix<Scalar>(a.row_max.rows(), a.row_max.cols())};
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  constexpr Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
   for (Index h = 0; h < a.output.heads(); ++h) {
     for (Index r = 0; r < a.output.rows(); ++r) {
       const Scalar ma = a.row_max(h, r);
       const Scalar mb = b.row_max(h, r);
-      const Scalar m = std::max(ma, mb);
-      merged.row_max(h, r) = m;
-      if (m == minus_infinity) {  // neither subset had an allowed key
-        merged.row_sum(h, r) = Scalar(0);
+      auto out = merged.output.head(h).row(r);
+      if (std::isnan(ma) || std::isnan(mb)) {  // a NaN score reached this row
+        merged.row_max(h, r) = nan;
+        merged.row_sum(h, r) = nan;
+        out.setConstant(nan);
         continue;
       }
-      const Scalar wa = ma == minus_infinity ? Scalar(0) : std::exp(ma - m);
-      const Scalar wb = mb == minus_infinity ? Scalar(0) : std::exp(mb - m);
-      merged.row_sum(h, r) = wa * a.row_sum(h, r) + wb * b.row_sum(h, r);
-      merged.output.head(h).row(r) = wa * a.output.head(h).row(r) + wb * b.output.head(h).row(r);
+      const Scalar m = std::max(ma, mb);
+      merged.row_max(h, r) = m;
+      if (m == minus_infinity) {  // no finite score on either side: 0 (nothing) or NaN
+        merged.row_sum(h, r) = a.row_sum(h, r) + b.row_sum(h, r);
+        out = a.output.head(h).row(r) + b.output.head(h).row(r);
+        continue;
+      }
+      // The side with the larger max first (weight 1), so that the result does not depend on the
+      // argument order, with or without fused multiply-adds. A side whose max is −inf has weight
+      // exp(−inf − m) = 0 for every key: it adds nothing.
+      const bool a_first = ma >= mb;
+      const AttentionPartial<Scalar>& hi = a_first ? a : b;
+      const AttentionPartial<Scalar>& lo = a_first ? b : a;
+      const Scalar m_lo = a_first ? mb : ma;
+      merged.row_sum(h, r) = hi.row_sum(h, r);
+      out = hi.output.head(h).row(r);
+      if (m_lo != minus_infinity) {
+        const Scalar w = std::exp(m_lo - m);
+        merged.row_sum(h, r) += w * lo.row_sum(h, r);
+        out += w * lo.output.head(h).row(r);
+      }
     }
   }
   return merged;

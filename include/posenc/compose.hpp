@@ -43,6 +43,7 @@ struct composed_scalar {
 ///   AbsoluteEncoding    both add to the embeddings
 ///   validate(shape)     forwarded to each part with the widths that part sees: a transform its
 ///                       input width, every other stage the final logit width
+///   natural_scale/mask  forwarded from the part that declares one (both: they must agree)
 ///
 /// Parts that model heads (biases, mixers) must agree on the head count (checked on
 /// construction); the Scalar types must agree (checked at compile time). Nesting composes more
@@ -72,6 +73,17 @@ class Composed {
       detail::require(static_cast<Index>(first_.heads()) == static_cast<Index>(second_.heads()),
                       "posenc::compose", "the first encoder has ", first_.heads(),
                       " heads but the second has ", second_.heads());
+    }
+    if constexpr (HasNaturalScale<A> && HasNaturalScale<B>) {
+      detail::require(static_cast<double>(first_.natural_scale()) ==
+                          static_cast<double>(second_.natural_scale()),
+                      "posenc::compose", "the parts' natural scales differ (",
+                      first_.natural_scale(), " and ", second_.natural_scale(),
+                      "); pass AttentionOptions::scale");
+    }
+    if constexpr (HasNaturalMask<A> && HasNaturalMask<B>) {
+      detail::require(first_.natural_mask() == second_.natural_mask(), "posenc::compose",
+                      "the parts' natural masks differ; pass AttentionOptions::mask");
     }
   }
 
@@ -155,6 +167,25 @@ class Composed {
   void add_to(TileRef<Scalar> x, Index first_position) const requires absolute {
     if constexpr (AbsoluteEncoding<A>) first_.add_to(x, first_position);
     if constexpr (AbsoluteEncoding<B>) second_.add_to(x, first_position);
+  }
+
+  // --- natural scale and mask (optional hooks of either part) ---------------------------------
+
+  /// The part's natural scale (both parts declaring one must agree: checked on construction).
+  double natural_scale() const requires(HasNaturalScale<A> || HasNaturalScale<B>) {
+    if constexpr (HasNaturalScale<A>) {
+      return static_cast<double>(first_.natural_scale());
+    } else {
+      return static_cast<double>(second_.natural_scale());
+    }
+  }
+  /// The part's natural mask (both parts declaring one must agree: checked on construction).
+  Mask natural_mask() const requires(HasNaturalMask<A> || HasNaturalMask<B>) {
+    if constexpr (HasNaturalMask<A>) {
+      return first_.natural_mask();
+    } else {
+      return second_.natural_mask();
+    }
   }
 
   // --- validate ------------------------------------------------------------------------------

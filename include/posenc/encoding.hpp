@@ -9,6 +9,7 @@
 #include <concepts>
 #include <span>
 
+#include "posenc/mask.hpp"
 #include "posenc/tensor.hpp"
 
 namespace posenc {
@@ -121,6 +122,21 @@ struct NoPositionalEncoding {};
 template <class E>
 concept HasValidate = requires(const E& e, const AttentionShape& shape) {
   e.validate(shape);
+};
+
+/// `double natural_scale() const`: the logit scale the encoder was trained with, used when the
+/// caller sets none (T5: 1, since T5 folds 1/√d into its initialisation). Default 1/√(logit
+/// width).
+template <class E>
+concept HasNaturalScale = requires(const E& e) {
+  { e.natural_scale() } -> std::convertible_to<double>;
+};
+
+/// `Mask natural_mask() const`: the mask the encoder was built for, used when the caller sets
+/// none (a bidirectional T5 bias: Mask::none(); a causal one: Mask::causal()). Default causal.
+template <class E>
+concept HasNaturalMask = requires(const E& e) {
+  { e.natural_mask() } -> std::convertible_to<Mask>;
 };
 
 /// `static constexpr bool depends_only_on_distance = true;` on a ScoreBias: B_h(i, j) = b_h(i − j)

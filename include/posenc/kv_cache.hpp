@@ -6,13 +6,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <optional>
 #include <span>
+#include <stdexcept>
 #include <vector>
 
 #include "posenc/attention.hpp"
 #include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/scratch.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/mask.hpp"
 #include "posenc/tensor.hpp"
@@ -33,9 +37,13 @@ struct KvCacheOptions {
   /// The mask of every attend call (on absolute positions). With Mask::sliding_window(w) the
   /// cache also drops, on append, the keys that no query at or after the first new position can
   /// see, so its size stays bounded; positions must then increase from one append to the next.
-  Mask mask = Mask::causal();
+  /// Unset: the encoder's natural_mask() when it declares one, else causal.
+  std::optional<Mask> mask = std::nullopt;
   /// Rows reserved up front (the cache grows geometrically past it).
   Index capacity = 0;
+  /// Threads of every attend call (KvAttendOptions::threads overrides it); 0 = automatic: the
+  /// calling thread alone for small problems (a decoding step), OpenMP's default otherwise.
+  int threads = 0;
 };
 
 /// Options of one KvCache::attend call.
@@ -45,9 +53,11 @@ struct KvAttendOptions {
   Positions query_positions = {};
   /// Document ids of the queries when the cache holds segments; empty = those of the last N rows.
   std::span<const Index> query_segments = {};
-  /// Logit scale; default 1/sqrt(key width after any QueryKeyTransform).
+  /// Logit scale; default the encoder's natural scale, else 1/sqrt(key width after any
+  /// QueryKeyTransform).
   std::optional<double> scale = std::nullopt;
-  int threads = 0;
+  /// Threads of this call; unset = the cache's KvCacheOptions::threads.
+  std::optional<int> threads = std::nullopt;
   Index query_block = 128;
   Index key_block = 128;
 };
@@ -64,8 +74,8 @@ struct KvAttendOptions {
 /// - append(k, v[, positions[, segments]]): rows at `positions` (T entries), or continuing from
 ///   the last position held plus one (0 for an empty cache).
 /// - attend(q[, options]): q is [H, N, D] (H a multiple of H_kv: grouped-query attention); query
-///   positions default to those of the last N rows appended; the mask is the cache's (causal by
-///   default). Equals one attention() call over the same rows (streaming kernel, same tolerance).
+///   positions default to those of the last N rows appended; the mask is the cache's (by
+///   default the encoder's natural mask, else causal). Equals one attention() call over the same rows (streaming kernel, same tolerance).
 /// - Encoders: with a CentreFreeKeyTransform whose keys_ignore_centre() is true the cache stores
 ///   transformed keys (each key is rotated once) and rotates only the queries at attend time;
 ///   every other encoder (biases, mixers, DAPE, XPos with tile centring, NoPE) gets raw keys and
@@ -83,12 +93,25 @@ class KvCache {
         kv_heads_(kv_heads),
         dim_(dim),
         value_dim_(options.value_dim == 0 ? dim : options.value_dim),
-        mask_(options.mask) {
+        mask_(detail::resolve_mask(encoder_, options.mask)),
+        threads_(options.threads) {
     constexpr const char* fn = "posenc::KvCache";
     detail::require(kv_heads >= 1 && dim >= 1 && value_dim_ >= 1, fn,
                     "kv_heads, dim and value_dim must be >= 1, got ", kv_heads, ", ", dim, " and ",
                     value_dim_);
     detail::require(options.capacity >= 0, fn, "capacity must be >= 0, got ", options.capacity);
+    detail::require(options.threads >= 0, fn, "threads must be >= 0 (0 = automatic), got ",
+                    options.threads);
+    // The encoder checks the widths now, not at the first append (the query head count is not
+    // known yet: the shape has kv_heads query heads and no rows).
+    if constexpr (HasValidate<Encoder>) {
+      try {
+        encoder_.validate(AttentionShape{kv_heads, kv_heads, 0, 0, dim, value_dim_});
+      } catch (const std::invalid_argument& error) {
+        detail::throw_invalid_argument(fn, "the encoder rejects kv_heads ", kv_heads, ", dim ", dim,
+                                       " and value_dim ", value_dim_, " (", error.what(), ")");
+      }
+    }
     if constexpr (CentreFreeKeyTransform<Encoder>) {
       stores_transformed_keys_ = static_cast<bool>(encoder_.keys_ignore_centre());
     }
@@ -135,14 +158,24 @@ class KvCache {
 
   /// Makes room for `rows` rows in total without further allocation.
   void reserve(Index rows) {
-    detail::require(rows >= 0, "posenc::KvCache::reserve", "rows must be >= 0, got ", rows);
+    detail::require(rows >= 0 && rows <= max_rows(), "posenc::KvCache::reserve",
+                    "rows must be in [0, ", max_rows(), "] (kv_heads × rows × width elements must be ",
+                    "addressable), got ", rows);
     if (rows > capacity_ - start_) relocate(std::max(rows, capacity_));
+  }
+
+  /// The most rows a cache of this shape can address.
+  Index max_rows() const {
+    const Index row_elements = kv_heads_ * std::max(key_width_, value_dim_);
+    return std::numeric_limits<Index>::max() / 4 / static_cast<Index>(sizeof(Scalar)) /
+           row_elements;
   }
 
   /// Drops every row; the next automatic position is 0 again.
   void clear() {
     start_ = size_ = 0;
     next_position_ = 0;
+    held_max_ = std::numeric_limits<Index>::min();
     segments_.clear();
   }
 
@@ -185,11 +218,18 @@ class KvCache {
                     " rows; give one per row, on every append or on none");
     if (rows == 0) return;
 
-    std::vector<Index> new_positions(static_cast<std::size_t>(rows));
+    if (positions.empty()) {
+      detail::require_position_run(fn, "next_position()", next_position_, rows);
+    } else {
+      detail::require_positions(fn, "positions", positions);
+    }
+    std::vector<Index>& new_positions = new_positions_;  // grown once: no steady-state allocation
+    new_positions.resize(static_cast<std::size_t>(rows));
     for (Index r = 0; r < rows; ++r) {
       new_positions[static_cast<std::size_t>(r)] =
           positions.empty() ? next_position_ + r : positions[static_cast<std::size_t>(r)];
     }
+    require_distinct(fn, new_positions, segments);
     const Index first_new = *std::min_element(new_positions.begin(), new_positions.end());
     if (mask_.kind() == Mask::Kind::sliding_window) {
       if (size_ > 0) {
@@ -221,12 +261,25 @@ class KvCache {
       std::copy(segments.begin(), segments.end(), segments_.begin() + at);
     }
     size_ += rows;
-    next_position_ = *std::max_element(new_positions.begin(), new_positions.end()) + 1;
+    const Index last_new = *std::max_element(new_positions.begin(), new_positions.end());
+    next_position_ = last_new + 1;
+    held_max_ = std::max(held_max_, last_new);
   }
 
   /// Attention of q ([H, N, dim]) over the rows held; returns [H, N, value_dim].
   template <HeadsLike Q>
   Heads<Scalar> attend(const Q& q, const KvAttendOptions& options = {}) const {
+    const auto qv = detail::as_const_view(q);
+    Heads<Scalar> out(qv.heads(), qv.rows(), value_dim_);
+    attend(q, out.view(), options);
+    return out;
+  }
+
+  /// Attention of q ([H, N, dim]) over the rows held, into `out` ([H, N, value_dim], any strides:
+  /// HeadsView::tokens_major for [N, H, Dv] buffers). Once a shape has been seen, a call
+  /// allocates nothing. `out` must not share memory with q or the cache.
+  template <HeadsLike Q>
+  void attend(const Q& q, HeadsView<Scalar> out, const KvAttendOptions& options = {}) const {
     constexpr const char* fn = "posenc::KvCache::attend";
     static_assert(std::is_same_v<heads_scalar_t<Q>, Scalar>,
                   "posenc::KvCache::attend: q must have the cache's scalar type");
@@ -236,6 +289,11 @@ class KvCache {
                     dim_);
     detail::require(qv.heads() >= 1 && qv.heads() % kv_heads_ == 0, fn, "q has ", qv.heads(),
                     " heads, which is not a multiple of the cache's ", kv_heads_, " kv heads");
+    detail::require(out.heads() == qv.heads() && out.rows() == n && out.dim() == value_dim_, fn,
+                    "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(),
+                    "] but must be [", qv.heads(), ", ", n, ", ", value_dim_, "]");
+    detail::require(!options.threads || *options.threads >= 0, fn,
+                    "threads must be >= 0 (0 = automatic), got ", options.threads.value_or(0));
     detail::require(!options.query_positions.empty() || n <= size_, fn, "q has ", n,
                     " rows but the cache holds only ", size_,
                     " (give query_positions for queries that are not the last rows appended)");
@@ -264,7 +322,7 @@ class KvCache {
                                        .query_segments = query_segments,
                                        .key_segments = segments(),
                                        .scale = options.scale,
-                                       .threads = options.threads,
+                                       .threads = options.threads.value_or(threads_),
                                        .query_block = options.query_block,
                                        .key_block = options.key_block};
     if (query_segments.empty()) attention_options.key_segments = {};
@@ -273,22 +331,67 @@ class KvCache {
         if constexpr (HasValidate<Encoder>) {
           encoder_.validate(AttentionShape{qv.heads(), kv_heads_, n, size_, dim_, value_dim_});
         }
-        Heads<Scalar> transformed(qv.heads(), n, key_width_);
+        detail::require_positions(fn, "query_positions", query_positions);
+        detail::ScratchLease<TransformedQueries> lease;
+        Vector<Scalar>& buffer = lease.get().values;
+        detail::grow(buffer, qv.heads() * n * key_width_);
+        const auto transformed =
+            HeadsView<Scalar>::heads_major(buffer.data(), qv.heads(), n, key_width_);
         for (Index h = 0; h < qv.heads(); ++h) {
           encoder_.transform_queries(h, query_positions,
                                      query_positions.empty() ? 0 : query_positions[0], qv.head(h),
                                      transformed.head(h));
         }
-        if (!attention_options.scale) {
-          attention_options.scale = 1.0 / std::sqrt(static_cast<double>(key_width_));
-        }
-        return attention(transformed, keys(), values(), NoPositionalEncoding{}, attention_options);
+        attention_options.scale = detail::resolve_scale(encoder_, options.scale, key_width_);
+        attention(transformed, keys(), values(), NoPositionalEncoding{}, out,
+                  attention_options);
+        return;
       }
     }
-    return attention(qv, keys(), values(), encoder_, attention_options);
+    attention(qv, keys(), values(), encoder_, out, attention_options);
   }
 
  private:
+  /// The queries of one attend call after the encoder's transform (leased per thread).
+  struct TransformedQueries {
+    Vector<Scalar> values;
+  };
+
+  /// Every row holds a distinct (document, position): rejects a new position already held (in
+  /// the same document) or repeated within one append. O(1) when positions increase (the usual
+  /// decoding), else a sort.
+  void require_distinct(const char* fn, const std::vector<Index>& new_positions,
+                        std::span<const Index> new_segments) const {
+    const Index rows = static_cast<Index>(new_positions.size());
+    bool increasing = size_ == 0 || new_positions[0] > held_max_;
+    for (Index r = 1; r < rows && increasing; ++r) {
+      increasing = new_positions[static_cast<std::size_t>(r)] >
+                   new_positions[static_cast<std::size_t>(r - 1)];
+    }
+    if (increasing) return;
+    const auto held_segments = segments();
+    std::vector<std::pair<Index, Index>> keys;  // (document, position), held then new
+    keys.reserve(static_cast<std::size_t>(size_ + rows));
+    for (Index r = 0; r < size_; ++r) {
+      keys.emplace_back(held_segments.empty() ? 0 : held_segments[static_cast<std::size_t>(r)],
+                        positions()[static_cast<std::size_t>(r)]);
+    }
+    for (Index r = 0; r < rows; ++r) {
+      keys.emplace_back(new_segments.empty() ? 0 : new_segments[static_cast<std::size_t>(r)],
+                        new_positions[static_cast<std::size_t>(r)]);
+    }
+    std::sort(keys.begin(), keys.end());
+    const auto repeated = std::adjacent_find(keys.begin(), keys.end());
+    if (repeated == keys.end()) return;
+    const Index position = repeated->second;
+    const bool held = std::find(positions().begin(), positions().end(), position) !=
+                      positions().end();
+    detail::throw_invalid_argument(
+        fn, "position ", position, held ? " is already held" : " appears twice in this append",
+        held_segments.empty() && new_segments.empty() ? "" : " (in the same document)",
+        "; every row of a cache needs its own position");
+  }
+
   Scalar* key_row(Index h, Index row) { return keys_.data() + (h * capacity_ + row) * key_width_; }
   Scalar* value_row(Index h, Index row) {
     return values_.data() + (h * capacity_ + row) * value_dim_;
@@ -299,7 +402,10 @@ class KvCache {
   void make_room(Index rows) {
     if (start_ + size_ + rows <= capacity_) return;
     const Index needed = size_ + rows;
-    relocate(needed <= capacity_ / 2 ? capacity_ : std::max(2 * capacity_, 2 * needed));
+    detail::require(needed <= max_rows(), "posenc::KvCache::append", "the cache would hold ",
+                    needed, " rows, more than the ", max_rows(), " it can address");
+    relocate(needed <= capacity_ / 2 ? capacity_
+                                     : std::min(max_rows(), std::max(2 * capacity_, 2 * needed)));
   }
 
   /// Moves the live rows to the front of a buffer of `capacity` rows.
@@ -337,6 +443,9 @@ class KvCache {
   Index start_ = 0;  // first live row
   Index size_ = 0;
   Index next_position_ = 0;
+  Index held_max_ = std::numeric_limits<Index>::min();  // upper bound of the positions held
+  int threads_ = 0;
+  std::vector<Index> new_positions_;  // append's scratch
   Vector<Scalar> keys_;    // [H_kv, capacity, key_width]
   Vector<Scalar> values_;  // [H_kv, capacity, value_dim]
   std::vector<Index> positions_;

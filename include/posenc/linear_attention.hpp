@@ -51,6 +51,7 @@ class LinearAttentionState {
         next_position_(first_position),
         chunk_(chunk) {
     detail::require(chunk >= 1, "posenc::LinearAttentionState", "chunk must be >= 1, got ", chunk);
+    detail::require_position("posenc::LinearAttentionState", "first_position", first_position);
   }
 
   /// Absorbs N new tokens (q: [H, N, D], k: [H_kv, N, D], v: [H_kv, N, Dv]) causally and returns
@@ -65,7 +66,8 @@ class LinearAttentionState {
     const auto kv = detail::as_const_view(k);
     const auto vv = detail::as_const_view(v);
     const auto shape =
-        kernel::check_linear<Scalar>(fn, qv, kv, vv, map_, encoder_, true, threads, chunk_);
+        kernel::check_linear<Scalar>(fn, qv, kv, vv, map_, encoder_, true, threads, chunk_,
+                                     next_position_);
     if (heads_.empty()) {
       shape_ = shape;
       heads_.resize(static_cast<std::size_t>(shape.heads));
@@ -154,7 +156,8 @@ void linear_attention(const Q& q, const K& k, const V& v, const Map& map, const 
   const auto kv = detail::as_const_view(k);
   const auto vv = detail::as_const_view(v);
   const auto shape = kernel::check_linear<Scalar>(fn, qv, kv, vv, map, encoder, options.causal,
-                                                  options.threads, options.chunk);
+                                                  options.threads, options.chunk,
+                                                  options.first_position);
   detail::require(
       out.heads() == shape.heads && out.rows() == shape.rows && out.dim() == shape.value_dim, fn,
       "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(), "] but must be [",
@@ -210,7 +213,8 @@ Heads<heads_scalar_t<Q>> linear_attention_reference(const Q& q, const K& k, cons
   const auto kv = detail::as_const_view(k);
   const auto vv = detail::as_const_view(v);
   const auto shape = kernel::check_linear<Scalar>("posenc::linear_attention_reference", qv, kv, vv,
-                                                  map, encoder, options.causal, 1, 1);
+                                                  map, encoder, options.causal, 1, 1,
+                                                  options.first_position);
   Heads<Scalar> out(shape.heads, shape.rows, shape.value_dim);
   const Index N = shape.rows;
   const Index M = shape.keys;
@@ -241,9 +245,15 @@ Heads<heads_scalar_t<Q>> linear_attention_reference(const Q& q, const K& k, cons
       weights.row(i).tail(M - 1 - last).setZero();
     }
     const Vector<Scalar> den = weights.rowwise().sum();
-    const Matrix<Scalar> num = weights * vv.head(kvh);
+    Matrix<Scalar> num = weights * vv.head(kvh);
+    if (options.causal && !vv.head(kvh).allFinite()) {
+      // Causal rows read only the values j <= i (0 · NaN would leak a later value into them).
+      for (Index i = 0; i < N; ++i) {
+        num.row(i).noalias() = weights.row(i).head(i + 1) * vv.head(kvh).topRows(i + 1);
+      }
+    }
     for (Index i = 0; i < N; ++i) {
-      if (den[i] > Scalar(0)) {
+      if (den[i] != Scalar(0)) {
         out.head(h).row(i) = num.row(i) / den[i];
       }
     }

@@ -46,16 +46,17 @@ class Mask {
 
   /// Each query sees itself and the `window - 1` keys before it. Throws when window < 1.
   static Mask sliding_window(Index window) {
-    detail::require(window >= 1, "posenc::Mask::sliding_window", "window must be >= 1, got ",
-                    window);
+    detail::require(window >= 1 && window <= position_limit, "posenc::Mask::sliding_window",
+                    "window must be in [1, 2^62], got ", window);
     return Mask(Kind::sliding_window, window);
   }
 
   /// XPos blockwise causal attention with block size `window` (the training length); queries are
   /// cut into blocks of window/2. Throws unless window is even and >= 2.
   static Mask blockwise_causal(Index window) {
-    detail::require(window >= 2 && window % 2 == 0, "posenc::Mask::blockwise_causal",
-                    "window must be even and >= 2 (blocks of window/2), got ", window);
+    detail::require(window >= 2 && window % 2 == 0 && window <= position_limit,
+                    "posenc::Mask::blockwise_causal",
+                    "window must be even and in [2, 2^62] (blocks of window/2), got ", window);
     return Mask(Kind::blockwise_causal, window);
   }
 
@@ -116,8 +117,9 @@ class Mask {
 /// token sees at most window + 1 keys. This is Mask::sliding_window(window + 1), not
 /// Mask::blockwise_causal(window): parallel BCA and reference decoding differ (golden bca.json).
 inline Mask blockwise_causal_decoding_window(Index window) {
-  detail::require(window >= 1, "posenc::blockwise_causal_decoding_window",
-                  "window must be >= 1, got ", window);
+  detail::require(window >= 1 && window < position_limit,
+                  "posenc::blockwise_causal_decoding_window", "window must be in [1, 2^62), got ",
+                  window);
   return Mask::sliding_window(window + 1);
 }
 

@@ -12,6 +12,11 @@ namespace posenc {
 
 using Index = Eigen::Index;
 
+/// Absolute positions lie in (−position_limit, position_limit), position_limit = 2^62: the
+/// difference of two positions, or a position minus a window, then never overflows Index. Every
+/// entry point that takes positions, offsets or windows rejects values outside.
+inline constexpr Index position_limit = Index(1) << 62;
+
 /// Row-major dynamic matrix: the layout of every tile and table in posenc.
 template <class Scalar>
 using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

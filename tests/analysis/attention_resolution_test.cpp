@@ -45,6 +45,40 @@ TEST(AttentionResolution, LargeScoresDoNotOverflowAndShiftCancels) {
   EXPECT_NEAR(attention_resolution(row), attention_resolution(Eigen::Vector3d(3, 2, 1)), 1e-15);
 }
 
+// Scores near the double limit: a score far below the others (e ~ e^{−2e308}) followed by a rise
+// used to form 0·inf = NaN. It contributes nothing, so R equals R of the curve without it (or a
+// hand value); only a true R below −DBL_MAX gives −inf.
+TEST(AttentionResolution, ScoresNearTheDoubleLimitGiveFiniteCorrectValues) {
+  constexpr double big = 1e308;
+  // e = [ε, 1] over the denominator, ε = e^{−2e308}: R = (ε² − ε + 1 − ε)/(1 + ε)² = 1.
+  expect_relative(attention_resolution(Eigen::Vector3d(-big, big, -big)), 1.0,
+                  "[-1e308, 1e308, -1e308]");
+  expect_relative(attention_resolution(Eigen::Vector3d(big, -big, big)), 1.0,
+                  "[1e308, -1e308, 1e308]");
+  // A leading −1e308 adds nothing: R([−1e308, 3, 2, 1]) = R([3, 2, 1]), also at ±1e308 − 1e292.
+  const Eigen::Vector4d leading(-big, 3.0, 2.0, 1.0);
+  expect_relative(attention_resolution(leading), attention_resolution(Eigen::Vector3d(3, 2, 1)),
+                  "[-1e308, 3, 2, 1]");
+  const Eigen::Vector4d top(-big, big, big - 1e292, big - 2e292);
+  expect_relative(attention_resolution(top),
+                  attention_resolution(Eigen::Vector3d(big, big - 1e292, big - 2e292)),
+                  "[-1e308, 1e308, ...]");
+  // A score at −1e308 inside the curve: terms e_1·(e_1 − 0) and 0·(0 − e_3); by hand with e^s.
+  Vector<double> middle(5);
+  middle << 3.0, 2.0, -big, 1.0, 0.0;
+  const double e0 = std::exp(3.0), e1 = std::exp(2.0), e3 = std::exp(1.0), e4 = 1.0;
+  const double hand =
+      (e0 * (e0 - e1) + e1 * e1 + e3 * (e3 - e4)) / ((e0 + e1 + e3) * (e0 + e1 + e3));
+  expect_relative(attention_resolution(middle), hand, "[3, 2, -1e308, 1, 0]");
+  // Shifted by −1e308 (exactly representable differences of 1e292): the same R.
+  Eigen::Vector3d coarse(big, big - 2e292, big - 4e292);
+  expect_relative(attention_resolution(coarse),
+                  attention_resolution(Eigen::Vector3d(0.0, -2e292, -4e292)), "shift by -1e308");
+  // A final rise by 2e308: R = 1 − e^{2e308}, below −DBL_MAX: −inf, never NaN.
+  EXPECT_EQ(attention_resolution(Eigen::Vector2d(-big, big)),
+            -std::numeric_limits<double>::infinity());
+}
+
 TEST(AttentionResolution, IsBelowOneAndNotScaleInvariant) {
   auto rng = test::make_rng(11);
   std::normal_distribution<double> normal;
@@ -122,7 +156,7 @@ TEST(RotaryScoreCurve, FromEncodersMatchesTheGolden) {
           c.at("R_of_mean (s_raw/d = mean_i cos*zeta)").get<double>(), label + " mean");
     };
     if (variant == "rope") {
-      check(RotaryEncoding<double>(d));
+      check(RotaryEncoding<double>(d, {.pairing = RotaryPairing::interleaved}));
       check(RotaryEncoding<float>(d, {.pairing = RotaryPairing::half}));  // θ in double either way
     } else {
       check(XPosEncoding<double>(d, {.scale_base = c.at("scale_base").get<double>()}));

@@ -106,5 +106,25 @@ TEST(AttentionStatistics, RejectsBadInput) {
                         "posenc::attention_statistics", "key_positions has 2", "3 key columns");
 }
 
+// attention_statistics reports bad weights under its own name, with the head, row and column (it
+// used to say attention_row_statistics).
+TEST(AttentionStatistics, MessagesNameAttentionStatisticsAndTheEntry) {
+  Heads<double> weights(2, 3, 4);
+  weights.flat().setConstant(0.25);
+  weights(1, 2, 3) = -0.5;
+  POSENC_EXPECT_INVALID(attention_statistics(weights, 2),
+                        "posenc::attention_statistics: weights must be finite and non-negative",
+                        "got -0.5", "head 1, row 2, column 3");
+  weights(1, 2, 3) = std::numeric_limits<double>::quiet_NaN();
+  POSENC_EXPECT_INVALID(attention_statistics(weights, 2), "posenc::attention_statistics:", "nan",
+                        "head 1, row 2, column 3");
+  weights(1, 2, 3) = 0.25;
+  POSENC_EXPECT_INVALID(attention_statistics(weights, -1),
+                        "posenc::attention_statistics: training_length must be >= 0, got -1");
+  // Checked even when there is no row to look at.
+  POSENC_EXPECT_INVALID(attention_statistics(Heads<double>(1, 0, 3), -2),
+                        "posenc::attention_statistics: training_length must be >= 0, got -2");
+}
+
 }  // namespace
 }  // namespace posenc

@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: MIT
 # consumer.pkg_config: moves an installed posenc to another prefix, then builds and runs main.cpp
-# the way a Makefile user would: $CXX main.cpp $(pkg-config --cflags --libs posenc).
+# the way a Makefile user would, with the README's command:
+#   $CXX -std=c++20 -O2 main.cpp $(pkg-config --cflags --libs posenc)
+# The .pc file names no -std= flag (the consumer chooses C++20 or newer); the test checks that too.
 # Arguments (-D): PKG_CONFIG, CXX, PREFIX (installed tree), PKGCONFIG_DIR (relative to the prefix),
 # VERSION (expected), SOURCE (main.cpp), WORK_DIR (scratch).
 function(run)
@@ -37,10 +39,14 @@ run(${PKG_CONFIG} --cflags --libs posenc)
 set(flags_text "${out}")
 message(STATUS "pkg-config --cflags --libs posenc: ${flags_text}")
 expect_moved("pkg-config --cflags" "${flags_text}")
+if(flags_text MATCHES "-std=")
+  message(FATAL_ERROR "pkg-config --cflags posenc forces a language standard: ${flags_text}")
+endif()
 separate_arguments(flags UNIX_COMMAND "${flags_text}")
 
-run(${CXX} -M ${SOURCE} ${flags})
+run(${CXX} -std=c++20 -M ${SOURCE} ${flags})
 expect_moved("the headers the compiler reads (-M)" "${out}")
-run(${CXX} [[-DPOSENC_CONSUMER="pkg-config"]] ${SOURCE} -o ${WORK_DIR}/consumer ${flags})
+run(${CXX} -std=c++20 -O2 [[-DPOSENC_CONSUMER="pkg-config"]] ${SOURCE} -o ${WORK_DIR}/consumer
+    ${flags})
 run(${WORK_DIR}/consumer)
 message(STATUS "${out}")

@@ -154,7 +154,6 @@ TYPED_TEST(AlibiTest, StreamingMatchesReference) {
 }
 
 TEST(AlibiErrors, RejectBadConfigurations) {
-  POSENC_EXPECT_INVALID(Alibi<float>(0), "posenc::alibi_slopes", "heads must be >= 1, got 0");
   POSENC_EXPECT_INVALID(alibi_slopes(-3), "posenc::alibi_slopes", "got -3");
   POSENC_EXPECT_INVALID((void)Alibi<float>(Vector<double>()), "posenc::Alibi", "at least one");
   Vector<double> nan_slopes = Vector<double>::Constant(2, 0.5);
@@ -164,6 +163,18 @@ TEST(AlibiErrors, RejectBadConfigurations) {
   const Heads<float> q = test::random_heads<float>(4, 3, 8, rng);
   POSENC_EXPECT_INVALID(attention(q, q, q, Alibi<float>(3)), "posenc::attention",
                         "the bias has 3 heads but q has 4");
+}
+
+// The constructor reports bad heads under its own name, not the alibi_slopes it calls; explicit
+// slopes name the offending entry.
+TEST(AlibiErrors, MessagesNameTheConstructorTheUserCalled) {
+  POSENC_EXPECT_INVALID(Alibi<float>(0), "posenc::Alibi: heads must be >= 1, got 0");
+  POSENC_EXPECT_INVALID(Alibi<double>(-2, BiasForm::symmetric, AlibiSlopes::bloom),
+                        "posenc::Alibi: heads must be >= 1, got -2");
+  Vector<double> slopes = Vector<double>::Constant(3, 0.5);
+  slopes[2] = std::numeric_limits<double>::infinity();
+  POSENC_EXPECT_INVALID((void)Alibi<float>(slopes), "posenc::Alibi: slopes must be finite",
+                        "got inf at slopes[2] (head 2)");
 }
 
 }  // namespace

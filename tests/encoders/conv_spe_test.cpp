@@ -219,5 +219,19 @@ TEST(ConvSpeErrors, BadInputIsRejected) {
       "q and k have dim 5 but the codes were built for D = 3");
 }
 
+// The seeded constructor checks R (and the gate's shape) under its own name before sampling; it
+// used to report ConvSpeDraw::from_seed (or SpeGate::sample).
+TEST(ConvSpeErrors, SeededConstructorNamesItself) {
+  const auto parameters = ConvSpeParameters<double>::initial(2, 3, 3, 1);
+  POSENC_EXPECT_INVALID(ConvSpe<double>(parameters, 0, 7),
+                        "posenc::ConvSpe: the number of realizations R must be >= 1, got 0");
+  POSENC_EXPECT_INVALID(ConvSpe<double>(parameters, -4, 7, Matrix<double>::Zero(2, 3)),
+                        "posenc::ConvSpe: the number of realizations R must be >= 1, got -4");
+  POSENC_EXPECT_INVALID(ConvSpe<double>(parameters, 4, 7, Matrix<double>::Zero(2, 5)),
+                        "posenc::ConvSpe: gate must be [H, D] = [2, 3], got [2, 5]");
+  POSENC_EXPECT_INVALID(ConvSpe<double>(ConvSpeParameters<double>{}, 4, 7),
+                        "posenc::ConvSpe: the filters must be [H >= 1, D >= 1, ks]");
+}
+
 }  // namespace
 }  // namespace posenc::test

@@ -174,5 +174,23 @@ TEST(FireErrors, RejectBadShapesAndOptions) {
                         "heads and mlp_width must be >= 1, got 2 and 0");
 }
 
+// L0 (init_L) is a length: a negative one is rejected; a negative learnable multiplier is not
+// (L = |multiplier·L0|, as the listing).
+TEST(FireErrors, RejectsNegativeThreshold) {
+  const Matrix<double> w1 = Matrix<double>::Ones(4, 1);
+  const Vector<double> b1 = Vector<double>::Zero(4);
+  const Matrix<double> w2 = Matrix<double>::Ones(2, 4);
+  const Vector<double> b2 = Vector<double>::Zero(2);
+  FireOptions negative;
+  negative.threshold = -512.0;
+  POSENC_EXPECT_INVALID(Fire<float>(w1, b1, w2, b2, negative), "posenc::Fire:", "threshold", ">= 0",
+                        "got -512");
+  auto rng = test::make_rng(172);
+  POSENC_EXPECT_INVALID(Fire<double>::random(2, 4, rng, negative), "posenc::Fire:", "got -512");
+  FireOptions flipped;
+  flipped.threshold_multiplier = -2.0;
+  EXPECT_EQ(Fire<float>(w1, b1, w2, b2, flipped).threshold(), 1024.0);
+}
+
 }  // namespace
 }  // namespace posenc

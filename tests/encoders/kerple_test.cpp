@@ -153,5 +153,18 @@ TEST(KerpleErrors, RejectBadParameters) {
                         "heads must be >= 1, got 0");
 }
 
+// A non-finite parameter is named with its head and value.
+TEST(KerpleErrors, NonFiniteParameterIsNamedWithHeadAndValue) {
+  Vector<double> r1 = Vector<double>::Ones(3);
+  Vector<double> r2 = Vector<double>::Ones(3);
+  r2[1] = std::numeric_limits<double>::infinity();
+  POSENC_EXPECT_INVALID(Kerple<float>(KerpleKernel::log, r1, r2),
+                        "posenc::Kerple: parameters must be finite", "r2[1] = inf (head 1)");
+  r2[1] = 1.0;
+  r1[2] = std::numeric_limits<double>::quiet_NaN();
+  POSENC_EXPECT_INVALID(Kerple<double>(KerpleKernel::power, r1, r2),
+                        "posenc::Kerple:", "r1[2] = nan (head 2)");
+}
+
 }  // namespace
 }  // namespace posenc

@@ -6,15 +6,20 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
+#include <numbers>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "posenc/attention.hpp"
+#include "posenc/encoders/xpos.hpp"
 #include "support/golden.hpp"
 #include "support/test_support.hpp"
+#include "support/tolerance.hpp"
 
 namespace posenc {
 namespace {
@@ -51,11 +56,89 @@ void expect_rows_near(const Matrix<Scalar>& got, const Matrix<double>& want,
 // differ by up to half an ulp of p·θ <= p: 1e-12 plus 2^-52·p.
 double double_tolerance(Index p) { return 1e-12 + std::ldexp(static_cast<double>(p), -52); }
 
-// The float32 references round θ and the angle p·θ to float32 (error up to 2^-24·p·θ, θ <= 1)
-// and the rotated entries to float32 (~1e-7): 2e-6 plus 2^-23·p, for entries of size <= 2.
-double float32_reference_tolerance(Index p) {
-  return 2e-6 + std::ldexp(static_cast<double>(p), -23);
+/// HF's inv_freq (modeling_rope_utils, the reference of golden/rope.json's hf_inv_freq) for
+/// rotary width r, replayed step by step: `rounded` follows every step the reference does in
+/// float32 (test::round_to_float32 reproduces the golden bit for bit) or none (the same steps in
+/// double). torch semantics replayed: `python_float ** float32_tensor` is evaluated in double and
+/// rounded once (baselines.md §8); `python_float / tensor` is a reciprocal times the scalar; a
+/// Python scalar meeting a float32 tensor is cast to float32 first.
+template <class Round>
+std::vector<double> hf_inv_freq(const Round& rounded, Index r, double base,
+                                const RopeScaling& scaling) {
+  using Kind = RopeScaling::Kind;
+  const double s = scaling.factor;
+  const double l0 = static_cast<double>(scaling.original_context);
+  if (scaling.kind == Kind::dynamic_ntk) {  // the new base in Python double
+    const double length = std::max(static_cast<double>(scaling.sequence_length), l0);
+    base *=
+        std::pow(s * length / l0 - (s - 1.0), static_cast<double>(r) / static_cast<double>(r - 2));
+  }
+  std::vector<double> pos_freqs;  // base ** (arange(0, r, 2).float() / r)
+  for (Index k = 0; k < r / 2; ++k) {
+    pos_freqs.push_back(
+        rounded(std::pow(base, rounded(static_cast<double>(2 * k) / static_cast<double>(r)))));
+  }
+  std::vector<double> inv;
+  for (const double pf : pos_freqs) inv.push_back(rounded(1.0 / pf));
+  switch (scaling.kind) {
+    case Kind::linear:
+      for (double& x : inv) x = rounded(x / rounded(s));
+      break;
+    case Kind::yarn: {
+      // find_correction_range in Python double; linear_ramp_factor and the blend in float32.
+      const YarnOptions& y = scaling.yarn_options;
+      auto correction_dim = [&](double rotations) {
+        return static_cast<double>(r) * std::log(l0 / (rotations * 2.0 * std::numbers::pi)) /
+               (2.0 * std::log(base));
+      };
+      double low = correction_dim(y.beta_fast);
+      double high = correction_dim(y.beta_slow);
+      if (y.truncate) {
+        low = std::floor(low);
+        high = std::ceil(high);
+      }
+      low = std::max(low, 0.0);
+      high = std::min(high, static_cast<double>(r - 1));
+      if (low == high) high += 0.001;
+      for (Index k = 0; k < r / 2; ++k) {
+        const double pf = pos_freqs[static_cast<std::size_t>(k)];
+        const double extrapolation = rounded(1.0 / pf);
+        const double interpolation = rounded(1.0 / rounded(rounded(s) * pf));
+        const double ramp = std::clamp(
+            rounded(rounded(static_cast<double>(k) - rounded(low)) / rounded(high - low)), 0.0,
+            1.0);
+        const double keep = rounded(1.0 - ramp);
+        inv[static_cast<std::size_t>(k)] =
+            rounded(rounded(interpolation * rounded(1.0 - keep)) + rounded(extrapolation * keep));
+      }
+      break;
+    }
+    case Kind::llama3: {
+      const double low_wavelength = l0 / scaling.low_freq_factor;
+      const double high_wavelength = l0 / scaling.high_freq_factor;
+      for (double& x : inv) {
+        const double wavelength = rounded(rounded(1.0 / x) * rounded(2.0 * std::numbers::pi));
+        const double scaled = wavelength > low_wavelength ? rounded(x / rounded(s)) : x;
+        const double smooth = rounded(rounded(rounded(rounded(1.0 / wavelength) * rounded(l0)) -
+                                              rounded(scaling.low_freq_factor)) /
+                                      rounded(scaling.high_freq_factor - scaling.low_freq_factor));
+        const double smoothed =
+            rounded(rounded(rounded(rounded(1.0 - smooth) * scaled) / rounded(s)) +
+                    rounded(smooth * scaled));
+        const bool medium = !(wavelength < high_wavelength) && !(wavelength > low_wavelength);
+        x = medium ? smoothed : scaled;
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  return inv;
 }
+
+// Two double evaluations of one formula (ours and the double replay) of at most ~12 operations,
+// the pow's exponent rounding amplified by |e·ln base| <= 10: each within γ_32 in double.
+double double_replay_tolerance(double x) { return 2.0 * 32.0 * 0x1p-53 * std::abs(x); }
 
 struct GoldenCase {
   const char* group;  // key under outputs ("" = directly under outputs)
@@ -92,10 +175,17 @@ TEST(RotaryEncodingGolden, FrequenciesOfEveryScaling) {
     const RotaryEncoding<double> rope(8, {.scaling = c.scaling});
     const Vector<double> want = test::to_vector(inv.at(c.key).at("inv_freq(float32)"));
     ASSERT_EQ(static_cast<Index>(rope.frequencies().size()), want.size()) << c.key;
+    // The golden's own float32 rounding, re-computed: the float32 replay of HF's steps gives the
+    // golden bit for bit, and the same steps in double are the exact value the golden rounds.
+    // Ours may differ from the golden by exactly that rounding plus double rounding.
+    const auto replay32 = hf_inv_freq(test::round_to_float32, 8, 10000.0, c.scaling);
+    const auto replay64 = hf_inv_freq([](double x) { return x; }, 8, 10000.0, c.scaling);
     for (Index k = 0; k < want.size(); ++k) {
-      // The reference rounds each of its few float32 operations: a handful of float32 ulps.
-      EXPECT_NEAR(rope.frequencies()[static_cast<std::size_t>(k)], want[k],
-                  4 * std::ldexp(want[k], -24))
+      const auto i = static_cast<std::size_t>(k);
+      EXPECT_EQ(replay32[i], want[k]) << c.key << ", pair " << k << ": the replay is not HF's";
+      const double ours = rope.frequencies()[i];
+      EXPECT_NEAR(ours, replay64[i], double_replay_tolerance(want[k])) << c.key << ", pair " << k;
+      EXPECT_NEAR(ours, want[k], std::abs(want[k] - replay64[i]) + double_replay_tolerance(want[k]))
           << c.key << ", pair " << k;
     }
     EXPECT_NEAR(rope.magnitude(), inv.at(c.key).at("attention_factor").get<double>(), 1e-15)
@@ -184,6 +274,119 @@ TEST(RotaryEncodingGolden, StoredFloat32FrequenciesReplayGptjOnFloat64Inputs) {
   }
 }
 
+/// Error model of a rotated float entry against a golden, per pair k at position p with input
+/// pair (a, b), magnitude m and θ_k (HF inv_freq):
+///
+///   |got − want| <= m·(‖(a, b)‖·γ_φ(k)·|p|·θ_k + (|a| + |b|)·γ_(7 + n_m))
+///
+/// - γ_φ(k): the reference's relative error of the angle p·θ_k (0 for a float64 golden). Rotating
+///   (a, b) by an angle off by δ moves each entry by at most ‖(a, b)‖·|δ|. Pair 0 is exact in
+///   every reference (θ_0 = 1, or 1/s with s a power of two; p < 2^24; YaRN's weights are 0 and 1
+///   there). For k >= 1:
+///     HF, Meta, GPT-J, NeoX: pow (2) + reciprocal (1) + p·θ (1) = 4, plus |e·ln base| if the
+///       exponent e = 2k/r is not exact in float32; linear: θ/s (0 for s a power of two);
+///       dynamic: + e for the new base if cast to float32; YaRN: + 2 (a weight product and the
+///       blend's sum).
+///     ggml: θ_k = p·scale^k by k float32 products with scale = powf(base, −2/r) (2 each): 3k,
+///       plus k·|(2/r)·ln base| if −2/r is inexact; linear: freq_scale·θ (0 for a power of two);
+///       YaRN: + 2 (the angle blend).
+/// - 7 + n_m: the reference's cos/sin (1 ulp: 2) and a·c − b·s (2), our cast of cos/sin to float
+///   (1) and our a·c − b·s (2); n_m: the reference's magnitude (HF: attention_scaling cast to
+///   float32 and the product, 2; ggml: 1 + 0.1·logf(1/freq_scale) (2 + 1 + 1 + 1) and the
+///   product, 6). Both sides round the golden's float64 inputs to float32 alike. Against a float64
+///   golden (computed from the unrounded inputs) our 3 remain, plus that input rounding (1): 4.
+/// Channels beyond rotary_dim pass through unchanged on both sides (only the input's float32
+/// rounding may differ).
+struct Float32Recipe {
+  enum class Family : std::uint8_t { float64, hf, ggml };
+  Family family;
+  RopeScaling::Kind kind;
+  double factor;
+
+  double angle_roundings(Index k, Index r, double base) const {
+    using Kind = RopeScaling::Kind;
+    if (family == Family::float64 || k == 0) return 0.0;
+    const auto exact_in_float32 = [](double x) { return test::round_to_float32(x) == x; };
+    // × or ÷ by the factor: exact for a power of two.
+    const double power_of_two_factor =
+        std::exp2(std::round(std::log2(factor))) == factor ? 0.0 : 1.0;
+    const double e = 2.0 * static_cast<double>(k) / static_cast<double>(r);
+    if (family == Family::hf) {
+      double n = 4.0;
+      if (!exact_in_float32(e)) n += e * std::log(base);
+      if (kind == Kind::linear) n += power_of_two_factor;
+      if (kind == Kind::dynamic_ntk) n += e;
+      if (kind == Kind::yarn) n += 2.0 + power_of_two_factor;
+      return n;
+    }
+    const double step = 2.0 / static_cast<double>(r);
+    double n = 3.0 * static_cast<double>(k);
+    if (!exact_in_float32(step)) n += static_cast<double>(k) * step * std::log(base);
+    if (kind == Kind::linear || kind == Kind::yarn) n += power_of_two_factor;
+    if (kind == Kind::yarn) n += 2.0;
+    return n;
+  }
+  double magnitude_roundings() const {
+    if (family == Family::float64) return 0.0;
+    if (kind != RopeScaling::Kind::yarn) return 0.0;
+    return family == Family::hf ? 2.0 : 6.0;
+  }
+  double entry_roundings() const { return family == Family::float64 ? 4.0 : 7.0; }
+};
+
+Float32Recipe recipe_of(const GoldenCase& c, const RopeScaling& scaling) {
+  using Family = Float32Recipe::Family;
+  const std::string name = c.name;
+  const Family family = name.find("float64") != std::string::npos ? Family::float64
+                        : std::string(c.group) == "ggml_float32"  ? Family::ggml
+                                                                  : Family::hf;
+  return {family, scaling.kind, scaling.factor};
+}
+
+/// Float rows rotated by `rope` against a golden, entry by entry within the model above.
+void expect_float_rows_near_reference(const RotaryEncoding<double>& config,
+                                      const RotaryEncoding<float>& rope, const Matrix<float>& in,
+                                      const Matrix<double>& want,
+                                      const std::vector<Index>& positions,
+                                      const Float32Recipe& recipe, const std::string& what) {
+  const Matrix<float> got = rotated(rope, positions, in);
+  ASSERT_TRUE(got.allFinite()) << what;
+  ASSERT_EQ(got.rows(), want.rows()) << what;
+  ASSERT_EQ(got.cols(), want.cols()) << what;
+  const Index r = config.rotary_dim();
+  const Index pairs = r / 2;
+  const double m = config.magnitude();
+  const double base = 10000.0;
+  const bool interleaved = config.pairing() == RotaryPairing::interleaved;
+  for (Index row = 0; row < got.rows(); ++row) {
+    const auto p = static_cast<double>(positions[static_cast<std::size_t>(row)]);
+    for (Index k = 0; k < pairs; ++k) {
+      const Index i = interleaved ? 2 * k : k;
+      const Index j = interleaved ? 2 * k + 1 : k + pairs;
+      const double a = in(row, i);
+      const double b = in(row, j);
+      const double theta = config.frequencies()[static_cast<std::size_t>(k)];
+      const double tolerance =
+          m * (std::hypot(a, b) * test::float32_gamma(recipe.angle_roundings(k, r, base)) *
+                   std::abs(p) * theta +
+               (std::abs(a) + std::abs(b)) *
+                   test::float32_gamma(recipe.entry_roundings() + recipe.magnitude_roundings()));
+      for (const Index channel : {i, j}) {
+        EXPECT_NEAR(got(row, channel), want(row, channel), tolerance)
+            << what << ", row " << row << " (position " << p << "), pair " << k << ", channel "
+            << channel;
+      }
+    }
+    for (Index channel = r; channel < got.cols(); ++channel) {
+      // Our float copy of the input against the golden's (some goldens keep the float64 input):
+      // at most the input's rounding to float32, 1.
+      EXPECT_NEAR(got(row, channel), want(row, channel),
+                  test::float32_reference_tolerance(want(row, channel), 1.0))
+          << what << ", pass-through channel " << channel;
+    }
+  }
+}
+
 TEST(RotaryEncodingGolden, FloatRowsMatchEveryReference) {
   const Json golden = test::load_golden("rope.json");
   const auto positions = golden_positions(golden);
@@ -195,15 +398,95 @@ TEST(RotaryEncodingGolden, FloatRowsMatchEveryReference) {
       const RotaryEncoding<float> rope(8, {.rotary_dim = config.rotary_dim(),
                                            .pairing = config.pairing(),
                                            .scaling = config.scaling()});
-      const bool exact_reference = std::string(c.name).find("float64") != std::string::npos;
-      // Against a float64 reference only our own float rounding remains (~1e-7 per entry).
-      const auto tolerance = exact_reference
-                                 ? std::function<double(Index)>([](Index) { return 1e-6; })
-                                 : float32_reference_tolerance;
-      expect_rows_near(rotated(rope, positions, in), test::to_matrix(golden_entry(golden, c).at(x)),
-                       positions, tolerance, std::string(c.name) + " " + x + " (float)");
+      expect_float_rows_near_reference(
+          config, rope, in, test::to_matrix(golden_entry(golden, c).at(x)), positions,
+          recipe_of(c, config.scaling()), std::string(c.name) + " " + x + " (float)");
     }
   }
+}
+
+TEST(RotaryEncodingGolden, FrequenciesMatchHfFloat32WhenHeadDimIsNotAPowerOfTwo) {
+  // HF rounds the exponent 2k/d to float32 before the power: exact for d = 8 or 128, not for
+  // d = 96 or 80 (rope_inv_freq_float32.json, tests/data/generators/rope_inv_freq_float32.py).
+  const Json golden = test::load_golden("rope_inv_freq_float32.json");
+  Index checked = 0;
+  for (const Json& entry : golden.at("outputs")) {
+    const auto d = entry.at("head_dim").get<Index>();
+    const double base = entry.at("base").get<double>();
+    const std::string what = "d = " + std::to_string(d) + ", base " + std::to_string(base);
+    const Vector<double> want = test::to_vector(entry.at("inv_freq(float32)"));
+    const RotaryEncoding<double> rope(d, {.base = base});
+    ASSERT_EQ(static_cast<Index>(rope.frequencies().size()), want.size()) << what;
+    const auto replay32 = hf_inv_freq(test::round_to_float32, d, base, RopeScaling::none());
+    Index beyond_pow_and_reciprocal = 0;
+    for (Index k = 0; k < want.size(); ++k) {
+      const auto i = static_cast<std::size_t>(k);
+      EXPECT_EQ(replay32[i], want[k]) << what << ", pair " << k << ": the replay is not HF's";
+      // Model: fl32(2k/d) (1 rounding, amplified by |e·ln base|), the power (2), the reciprocal
+      // (1); k = 0 is exact (base^0 = 1).
+      const double e = 2.0 * static_cast<double>(k) / static_cast<double>(d);
+      const bool exact_exponent = test::round_to_float32(e) == e;
+      const double roundings = k == 0 ? 0.0 : 3.0 + (exact_exponent ? 0.0 : e * std::log(base));
+      const double tolerance = test::float32_reference_tolerance(want[k], roundings);
+      const double ours = rope.frequencies()[i];
+      EXPECT_NEAR(ours, want[k], tolerance) << what << ", pair " << k;
+      // The tolerance still catches a wrong pair index: θ_(k±1) is a factor base^(2/d) away.
+      if (k + 1 < want.size()) {
+        EXPECT_GT(std::abs(rope.frequencies()[i + 1] - want[k]), tolerance) << what << ", " << k;
+      }
+      if (k > 0) {
+        EXPECT_GT(std::abs(rope.frequencies()[i - 1] - want[k]), tolerance) << what << ", " << k;
+      }
+      // The exponent term is needed: without it (pow and reciprocal only) some pairs fail.
+      if (std::abs(ours - want[k]) > test::float32_reference_tolerance(want[k], 3.0)) {
+        ++beyond_pow_and_reciprocal;
+      }
+      ++checked;
+    }
+    EXPECT_GT(beyond_pow_and_reciprocal, 0) << what;
+  }
+  EXPECT_EQ(checked, 48 + 40 + 48);
+}
+
+TEST(RotaryEncodingPairing, DefaultIsHalfLikeHfRotateHalf) {
+  // HF transformers' rotate_half: pair k = channels (k, k + r/2); checked against the rotation
+  // written out by hand, θ_k = 10000^(−2k/r).
+  EXPECT_EQ(RotaryOptions{}.pairing, RotaryPairing::half);
+  EXPECT_EQ(RotaryEncoding<double>(8).pairing(), RotaryPairing::half);
+  // XPos keeps torchscale's (its paper's code) interleaved pairs.
+  EXPECT_EQ(XPosOptions{}.pairing, RotaryPairing::interleaved);
+  auto rng = test::make_rng(107);
+  const Matrix<double> x = test::random_heads<double>(1, 3, 10, rng).head(0);
+  const std::vector<Index> positions = {0, 3, 1001};
+  for (const Index r : {Index{10}, Index{6}}) {
+    const RotaryEncoding<double> rope(10, {.rotary_dim = r});
+    const Matrix<double> y = rotated(rope, positions, x);
+    const Index half = r / 2;
+    for (Index row = 0; row < 3; ++row) {
+      const auto p = static_cast<double>(positions[static_cast<std::size_t>(row)]);
+      for (Index k = 0; k < half; ++k) {
+        const double phi =
+            p * std::pow(10000.0, -2.0 * static_cast<double>(k) / static_cast<double>(r));
+        const double a = x(row, k);
+        const double b = x(row, k + half);
+        // Both sides form φ in double (θ_k within 2 ulps of each other, a half-ulp product: under
+        // 2^-50·φ apart); cos, sin and the two products add a few ulps of |a| + |b|.
+        const double tolerance = (std::abs(a) + std::abs(b)) * 0x1p-50 * (phi + 1.0);
+        EXPECT_NEAR(y(row, k), a * std::cos(phi) - b * std::sin(phi), tolerance)
+            << "r " << r << ", row " << row << ", pair " << k;
+        EXPECT_NEAR(y(row, k + half), a * std::sin(phi) + b * std::cos(phi), tolerance)
+            << "r " << r << ", row " << row << ", pair " << k;
+      }
+      for (Index c = r; c < 10; ++c) EXPECT_EQ(y(row, c), x(row, c));
+    }
+  }
+  // The float encoder too, and the default differs from interleaved on the same input.
+  const Matrix<float> xf = x.cast<float>();
+  const RotaryEncoding<float> by_default(10);
+  const RotaryEncoding<float> half(10, {.pairing = RotaryPairing::half});
+  const RotaryEncoding<float> interleaved(10, {.pairing = RotaryPairing::interleaved});
+  EXPECT_EQ(rotated(by_default, positions, xf), rotated(half, positions, xf));
+  EXPECT_NE(rotated(by_default, positions, xf), rotated(interleaved, positions, xf));
 }
 
 // --------------------------------------------------------------------------------------------
@@ -266,7 +549,8 @@ TYPED_TEST(RotaryEncodingProperties, ChannelPermutationTurnsInterleavedIntoHalfE
   const std::vector<Index> perm = rotary_half_permutation(d, r);
   Matrix<Scalar> permuted(x.rows(), d);
   for (Index j = 0; j < d; ++j) permuted.col(j) = x.col(perm[static_cast<std::size_t>(j)]);
-  const RotaryEncoding<Scalar> interleaved(d, {.rotary_dim = r});
+  const RotaryEncoding<Scalar> interleaved(
+      d, {.rotary_dim = r, .pairing = RotaryPairing::interleaved});
   const RotaryEncoding<Scalar> half(d, {.rotary_dim = r, .pairing = RotaryPairing::half});
   const Matrix<Scalar> a = rotated(interleaved, positions, x);
   const Matrix<Scalar> b = rotated(half, positions, permuted);
@@ -278,7 +562,7 @@ TYPED_TEST(RotaryEncodingProperties, ChannelPermutationTurnsInterleavedIntoHalfE
 TEST(RotaryEncodingAccuracy, FloatCosSinAtLongPositionsMatchLongDouble) {
   // Transforming unit vectors exposes the (cos, sin) the encoder uses at each position.
   const Index d = 64;
-  const RotaryEncoding<float> rope(d);
+  const RotaryEncoding<float> rope(d, {.pairing = RotaryPairing::interleaved});  // pairs (2k, 2k+1)
   const std::vector<Index> positions = {100000, 131071, 262144, 500001, 777777, 1000000};
   double worst = 0;
   for (Index k = 0; k < d / 2; ++k) {
@@ -298,7 +582,7 @@ TEST(RotaryEncodingAccuracy, FloatCosSinAtLongPositionsMatchLongDouble) {
   // Double: p·θ is formed exactly and reduced, so position ~10^6 is as accurate as position 10.
   // Positions with a small odd part make p·θ exact in long double too (<= 56 significant bits).
   // Tolerance: one ulp of the reduced angle in [−π, π] (4.4e-16).
-  const RotaryEncoding<double> exact(d);
+  const RotaryEncoding<double> exact(d, {.pairing = RotaryPairing::interleaved});
   for (const Index p : {Index{1} << 20, Index{3} << 18, Index{7} << 17}) {
     for (Index k = 1; k < d / 2; k += 5) {
       Matrix<double> unit_row = Matrix<double>::Zero(1, d);
@@ -408,6 +692,27 @@ TYPED_TEST(RotaryEncodingAttention, StreamingMatchesReferenceForEveryMask) {
           << "mask kind " << static_cast<int>(mask.kind()) << ", offset " << offset;
     }
   }
+}
+
+// Scalings outside their domain are rejected (HF warns about the YaRN ones): YaRN with
+// beta_fast < beta_slow or factor < 1, dynamic NTK with a negative sequence length.
+TEST(RotaryEncodingErrors, RejectsScalingsOutsideTheirDomain) {
+  using E = RotaryEncoding<float>;
+  POSENC_EXPECT_INVALID(
+      E(8, {.scaling = RopeScaling::yarn(4.0, 4096, {.beta_fast = 1.0, .beta_slow = 32.0})}),
+      "posenc::RotaryEncoding", "beta_fast must be >= beta_slow", "beta_fast 1 < beta_slow 32");
+  POSENC_EXPECT_INVALID(E(8, {.scaling = RopeScaling::yarn(0.5, 4096)}), "posenc::RotaryEncoding",
+                        "YaRN factor must be >= 1", "got 0.5");
+  POSENC_EXPECT_INVALID(E(8, {.scaling = RopeScaling::dynamic_ntk(4.0, 4096, -1)}),
+                        "posenc::RotaryEncoding", "sequence_length must be >= 0", "got -1");
+  const E dynamic(8, {.scaling = RopeScaling::dynamic_ntk(4.0, 4096, 0)});
+  POSENC_EXPECT_INVALID(dynamic.for_sequence_length(-5),
+                        "posenc::RotaryEncoding::for_sequence_length", "got -5");
+  // The boundaries stay accepted: factor 1, equal betas, sequence length 0.
+  EXPECT_NO_THROW(E(8, {.scaling = RopeScaling::yarn(1.0, 4096)}));
+  EXPECT_NO_THROW(
+      E(8, {.scaling = RopeScaling::yarn(2.0, 4096, {.beta_fast = 4.0, .beta_slow = 4.0})}));
+  EXPECT_NO_THROW(dynamic.for_sequence_length(0));
 }
 
 }  // namespace

@@ -220,5 +220,19 @@ TEST(SineSpeErrors, BadInputIsRejected) {
                         "have width 6 (after the encoder's transform)");
 }
 
+// The seeded constructor checks R (and the gate's shape) under its own name before sampling; it
+// used to report SineSpeDraw::sample (or SpeGate::sample).
+TEST(SineSpeErrors, SeededConstructorNamesItself) {
+  const auto parameters = SineSpeParameters<double>::initial(2, 4, 3, 1);
+  POSENC_EXPECT_INVALID(SineSpe<double>(parameters, 0, 7),
+                        "posenc::SineSpe: the number of realizations R must be >= 1, got 0");
+  POSENC_EXPECT_INVALID(SineSpe<double>(parameters, 0, 7, Matrix<double>::Zero(2, 4)),
+                        "posenc::SineSpe: the number of realizations R must be >= 1, got 0");
+  POSENC_EXPECT_INVALID(SineSpe<double>(parameters, 6, 7, Matrix<double>::Zero(3, 4)),
+                        "posenc::SineSpe: gate must be [H, D] = [2, 4], got [3, 4]");
+  POSENC_EXPECT_INVALID(SineSpe<double>(SineSpeParameters<double>{}, 6, 7),
+                        "posenc::SineSpe: frequencies must be [H >= 1, D >= 1, K >= 1]");
+}
+
 }  // namespace
 }  // namespace posenc::test

@@ -346,5 +346,17 @@ TEST(SinusoidalEncoding, RejectsBadArguments) {
   EXPECT_TRUE(x.isZero(0.0f));  // nothing written before the checks
 }
 
+// concatenated_t2t has floor(d/2) sine/cosine pairs: d = 1 would be one all-zero channel.
+// Odd d >= 3 keeps t2t's zero last channel (TinyDimFollowsTensor2TensorGuard).
+TEST(SinusoidalEncoding, RejectsAllZeroT2tEncoding) {
+  using E = SinusoidalEncoding<float>;
+  POSENC_EXPECT_INVALID(E(1, {.layout = SinusoidalLayout::concatenated_t2t}),
+                        "posenc::SinusoidalEncoding", "concatenated_t2t", "dim >= 2", "got dim 1");
+  POSENC_EXPECT_INVALID(SinusoidalEncoding<double>::fairseq(1), "posenc::SinusoidalEncoding",
+                        "got dim 1");
+  EXPECT_EQ(E(1).dim(), 1);  // the other layouts hold a sine there
+  EXPECT_EQ(E(1, {.layout = SinusoidalLayout::concatenated}).dim(), 1);
+}
+
 }  // namespace
 }  // namespace posenc

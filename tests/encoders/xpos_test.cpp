@@ -7,7 +7,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "posenc/attention.hpp"
@@ -365,6 +368,78 @@ TYPED_TEST(XPosAttention, StreamingMatchesReferenceForEveryMask) {
             << "mask kind " << static_cast<int>(mask.kind()) << ", offset " << offset;
       }
     }
+  }
+}
+
+template <class Scalar>
+class XPosFixedCentreRange : public ::testing::Test {};
+TYPED_TEST_SUITE(XPosFixedCentreRange, test::Scalars);
+
+// With a fixed centre c, a row at n gets ζ_k^(±(n − c)/scale_base); the extreme pair is
+// ζ_0 = γ/(1 + γ). The limit is the largest |n − c| whose factors stay finite and normal in the
+// scalar type: about ln(1/min)·scale_base/|ln ζ_0| (35 694 in float, 289 519 in double). Rows
+// just inside attend exactly as with tile centring; one position beyond, every entry point
+// throws (before the fix the reference was NaN and the streaming kernel finite but wrong).
+TYPED_TEST(XPosFixedCentreRange, JustInsideMatchesTileCentringAndJustOutsideThrows) {
+  using Scalar = TypeParam;
+  const Index d = 8;
+  const Index centre = 1000;
+  const XPosEncoding<Scalar> tile(d);
+  const XPosEncoding<Scalar> fixed = tile.with_centring(XPosCentring::fixed(centre));
+  const double steepest = -std::log(0.4 / 1.4) / 512.0;
+  const double formula =
+      std::log(1.0 / static_cast<double>(std::numeric_limits<Scalar>::min())) / steepest;
+  const Index limit = fixed.fixed_centre_range();
+  EXPECT_NEAR(static_cast<double>(limit), std::floor(formula), 1.0);
+  EXPECT_EQ(limit, (std::is_same_v<Scalar, float> ? Index{35694} : Index{289519}));
+
+  auto rng = test::make_rng(205);
+  const Index n = 6;
+  // Entries O(1): a row 2^126 times larger (the largest float factor) stays below FLT_MAX.
+  Heads<Scalar> q = test::random_heads<Scalar>(2, n, d, rng);
+  Heads<Scalar> k = test::random_heads<Scalar>(2, n, d, rng);
+  const Heads<Scalar> v = test::random_heads<Scalar>(2, n, d, rng);
+  q.flat() *= Scalar(0.5);
+  k.flat() *= Scalar(0.5);
+  for (const Index side : {Index{1}, Index{-1}}) {
+    // Positions c ± limit ∓ 5 … c ± limit: the farthest rows allowed, on either side.
+    std::vector<Index> inside(static_cast<std::size_t>(n));
+    for (Index r = 0; r < n; ++r) {
+      inside[static_cast<std::size_t>(r)] = centre + side * limit + (side > 0 ? r - (n - 1) : r);
+    }
+    const std::string what = side > 0 ? "after the centre" : "before the centre";
+    const AttentionOptions options{.query_positions = inside, .key_positions = inside};
+    const auto streamed = attention(q, k, v, fixed, options);
+    const auto reference = attention_reference(q, k, v, fixed, options);
+    const auto centred = attention_reference(q, k, v, tile, options);
+    ASSERT_TRUE(streamed.flat().allFinite() && reference.flat().allFinite()) << what;
+    EXPECT_LE(test::relative_error(streamed.flat(), reference.flat()),
+              test::Tolerance<Scalar>::kernel)
+        << what;
+    EXPECT_LE(test::relative_error(streamed.flat(), centred.flat()),
+              test::Tolerance<Scalar>::kernel)
+        << what;
+
+    // One position farther: rejected by transform_queries / transform_keys and attention (both
+    // kernels), naming the limit.
+    std::vector<Index> outside = inside;
+    outside[side > 0 ? static_cast<std::size_t>(n - 1) : 0] += side;
+    const std::string far = std::to_string(centre + side * (limit + 1));
+    const std::string limit_text = "at most " + std::to_string(limit);
+    const char* scalar = std::is_same_v<Scalar, float> ? "in float" : "in double";
+    Matrix<Scalar> out(n, d);
+    POSENC_EXPECT_INVALID(fixed.transform_queries(0, outside, 0, q.head(0), out),
+                          "posenc::XPosEncoding::transform_queries", far.c_str(),
+                          limit_text.c_str(), scalar);
+    POSENC_EXPECT_INVALID(fixed.transform_keys(0, outside, 0, k.head(0), out),
+                          "posenc::XPosEncoding::transform_keys", far.c_str(), limit_text.c_str());
+    const AttentionOptions beyond{.query_positions = inside, .key_positions = outside};
+    POSENC_EXPECT_INVALID(attention(q, k, v, fixed, beyond), "transform_keys", far.c_str(),
+                          limit_text.c_str());
+    POSENC_EXPECT_INVALID(attention_reference(q, k, v, fixed, beyond), "transform_keys",
+                          limit_text.c_str());
+    // Tile centring has no such limit: the same positions are finite.
+    EXPECT_TRUE(attention(q, k, v, tile, beyond).flat().allFinite()) << what;
   }
 }
 

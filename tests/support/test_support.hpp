@@ -79,6 +79,24 @@ double relative_error(const A& a, const B& b) {
   return diff / scale;
 }
 
+/// For results that may hold NaN or Inf on purpose: +inf when a and b differ in which entries are
+/// finite, else max |a - b| / max(1, max |b|) over the finite entries.
+template <class A, class B>
+double finite_part_error(const A& a, const B& b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double diff = 0.0;
+  double scale = 1.0;
+  for (Index i = 0; i < a.size(); ++i) {
+    const double x = static_cast<double>(a(i));
+    const double y = static_cast<double>(b(i));
+    if (std::isfinite(x) != std::isfinite(y)) return std::numeric_limits<double>::infinity();
+    if (!std::isfinite(x)) continue;
+    diff = std::max(diff, std::fabs(x - y));
+    scale = std::max(scale, std::fabs(y));
+  }
+  return diff / scale;
+}
+
 /// Normalised mean squared error sum (a-b)^2 / sum b^2 (ggml's backend comparison).
 template <class A, class B>
 double nmse(const A& a, const B& b) {

@@ -4,6 +4,7 @@
 // rotary encoder (RoPE, XPos), and the empirical curve measured from logits.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -28,7 +29,12 @@ namespace posenc {
 /// `score_curve` (any Eigen vector, N + 2 ≥ 2 entries s[0..N+1], s[n] the expected score at
 /// distance n): both sums run over i = 0..N; the last entry appears only in the difference (the
 /// convention of golden/attention_resolution.json). R is shift-invariant, so it is evaluated
-/// with e^{s − max s} and never overflows (s = [1000, 999, 998] is fine); it is not
+/// with e_i = e^{s_i − m}, m = max(s[0..N]) (every e_i <= 1, the sum >= 1), and each term
+/// e_i·(e_i − e_{i+1}) as e^{2(s_i − m)}·(−expm1(Δ)) for a fall Δ = s[i+1] − s[i] <= 0 and as
+/// −e^{(s_i − m) + (s[i+1] − m)}·(−expm1(−Δ)) for a rise, so no step forms inf·0: any finite
+/// curve, scores near ±1e308 included, gives R correct to rounding (s = [1000, 999, 998] and
+/// [−1e308, 3, 2, 1] are fine; the latter equals R([3, 2, 1])). The one non-finite result is −inf,
+/// when the true R is below −DBL_MAX (a final rise: R([0, 1000]) = 1 − e^1000). R is not
 /// scale-invariant, so how s is normalised is part of the result (see ScoreNormalization).
 /// R < 1 always; it is negative when s mostly increases. Computed in long double.
 /// Throws std::invalid_argument for fewer than 2 entries or a non-finite entry.
@@ -37,21 +43,27 @@ double attention_resolution(const Eigen::MatrixBase<Derived>& score_curve) {
   constexpr const char* fn = "posenc::attention_resolution";
   const Index size = score_curve.size();
   detail::require(size >= 2, fn, "score_curve needs at least 2 entries (s[0..N+1]), got ", size);
-  long double max = -std::numeric_limits<long double>::infinity();
+  const auto at = [&](Index n) { return static_cast<long double>(score_curve(n)); };
+  long double max = -std::numeric_limits<long double>::infinity();  // over s[0..N]
   for (Index n = 0; n < size; ++n) {
-    const auto s = static_cast<long double>(score_curve(n));
-    detail::require(std::isfinite(s), fn, "score_curve[", n, "] is not finite (", score_curve(n),
-                    ")");
-    max = std::max(max, s);
+    detail::require(std::isfinite(at(n)), fn, "score_curve[", n, "] is not finite (",
+                    score_curve(n), ")");
+    if (n + 1 < size) max = std::max(max, at(n));
   }
   long double numerator = 0.0L;
   long double denominator = 0.0L;
   for (Index n = 0; n + 1 < size; ++n) {
-    const long double s = static_cast<long double>(score_curve(n)) - max;
-    const long double next = static_cast<long double>(score_curve(n + 1)) - max;
-    const long double e = std::exp(s);
-    // e_n − e_{n+1} = −e_n·expm1(s_{n+1} − s_n): exact for nearly equal neighbours.
-    numerator += e * -std::expm1(next - s) * e;
+    const long double a = at(n) - max;            // <= 0
+    const long double delta = at(n + 1) - at(n);  // from the inputs, not the shifted values
+    const long double e = std::exp(a);
+    if (delta <= 0.0L) {
+      // e_n − e_{n+1} = −e_n·expm1(Δ): exact for nearly equal neighbours; every factor in [0, 1].
+      numerator += e * e * -std::expm1(delta);
+    } else {
+      // e_n·(e_n − e_{n+1}) = −e_n·e_{n+1}·(1 − e^{−Δ}); e_n·e_{n+1} formed as one exponential so
+      // that an underflowed e_n never meets an overflowed e^Δ.
+      numerator -= std::exp(a + (at(n + 1) - max)) * -std::expm1(-delta);
+    }
     denominator += e;
   }
   return static_cast<double>(numerator / (denominator * denominator));

@@ -33,28 +33,34 @@ struct AttentionStatistics {
   Eigen::Matrix<Index, Eigen::Dynamic, 1> rows;  // [H] rows with weight that were averaged
 };
 
-/// Statistics of one row of weights for a query at `query_position` and keys at `key_positions`
-/// (empty: 0 … M−1). Throws for a negative or non-finite weight, training_length < 0 or
-/// positions of the wrong size.
+namespace detail {
+
+/// attention_row_statistics for the public function `fn`; `head` >= 0 and `row` name the row of
+/// an [H, N, M] tensor in messages (attention_statistics), head < 0 a lone row.
 template <class Derived>
-RowAttentionStatistics attention_row_statistics(const Eigen::MatrixBase<Derived>& weights,
+RowAttentionStatistics row_attention_statistics(const char* fn,
+                                                const Eigen::MatrixBase<Derived>& weights,
                                                 Index query_position, Index training_length,
-                                                Positions key_positions = {}) {
-  constexpr const char* fn = "posenc::attention_row_statistics";
-  detail::require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
-  detail::require(
-      key_positions.empty() || static_cast<Index>(key_positions.size()) == weights.size(), fn,
-      "weights has ", weights.size(), " entries but ", key_positions.size(),
-      " key positions were given");
+                                                Positions key_positions, Index head, Index row) {
+  require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
+  require(key_positions.empty() || static_cast<Index>(key_positions.size()) == weights.size(), fn,
+          "weights has ", weights.size(), " entries but ", key_positions.size(),
+          " key positions were given");
   long double total = 0.0L;
   for (Index c = 0; c < weights.size(); ++c) {
     const auto w = static_cast<long double>(weights(c));
-    detail::require(std::isfinite(w) && w >= 0.0L, fn,
-                    "weights must be finite and non-negative, got ", weights(c), " at column ", c);
+    if (!(std::isfinite(w) && w >= 0.0L)) {
+      if (head >= 0) {
+        throw_invalid_argument(fn, "weights must be finite and non-negative, got ", weights(c),
+                               " at head ", head, ", row ", row, ", column ", c);
+      }
+      throw_invalid_argument(fn, "weights must be finite and non-negative, got ", weights(c),
+                             " at column ", c);
+    }
     total += w;
   }
-  RowAttentionStatistics row;
-  if (total == 0.0L) return row;
+  RowAttentionStatistics result;
+  if (total == 0.0L) return result;
   long double entropy = 0.0L;
   long double distance = 0.0L;
   long double beyond = 0.0L;
@@ -67,22 +73,37 @@ RowAttentionStatistics attention_row_statistics(const Eigen::MatrixBase<Derived>
     distance += p * static_cast<long double>(d);
     if (d >= training_length) beyond += p;
   }
-  row.entropy = static_cast<double>(entropy);
-  row.mean_distance = static_cast<double>(distance);
-  row.mass_beyond = static_cast<double>(beyond);
-  row.empty = false;
-  return row;
+  result.entropy = static_cast<double>(entropy);
+  result.mean_distance = static_cast<double>(distance);
+  result.mass_beyond = static_cast<double>(beyond);
+  result.empty = false;
+  return result;
+}
+
+}  // namespace detail
+
+/// Statistics of one row of weights for a query at `query_position` and keys at `key_positions`
+/// (empty: 0 … M−1). Throws for a negative or non-finite weight, training_length < 0 or
+/// positions of the wrong size.
+template <class Derived>
+RowAttentionStatistics attention_row_statistics(const Eigen::MatrixBase<Derived>& weights,
+                                                Index query_position, Index training_length,
+                                                Positions key_positions = {}) {
+  return detail::row_attention_statistics("posenc::attention_row_statistics", weights,
+                                          query_position, training_length, key_positions, -1, 0);
 }
 
 /// Per-head entropy, mean attention distance and mass beyond `training_length`, averaged over
 /// the query rows with weight, of [H, N, M] weights (from attention_weights) with the positions
 /// of `options` (query_offset or query_positions, key_positions: pass the options the weights
 /// were computed with; the other fields are ignored). Distances are |i − j| on absolute
-/// positions. Throws as attention_row_statistics.
+/// positions. Throws as attention_row_statistics (messages name attention_statistics and the
+/// head, row and column of a bad weight).
 template <HeadsLike Weights>
 AttentionStatistics attention_statistics(const Weights& weights, Index training_length,
                                          const AttentionOptions& options = {}) {
   constexpr const char* fn = "posenc::attention_statistics";
+  detail::require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
   const auto view = detail::as_const_view(weights);
   const auto positions = detail::resolve_positions(fn, options, view.rows(), view.dim());
   const Index H = view.heads();
@@ -96,9 +117,9 @@ AttentionStatistics attention_statistics(const Weights& weights, Index training_
     long double beyond = 0.0L;
     Index rows = 0;
     for (Index r = 0; r < view.rows(); ++r) {
-      const RowAttentionStatistics row = attention_row_statistics(
-          view.head(h).row(r), positions.queries[static_cast<std::size_t>(r)], training_length,
-          positions.keys);
+      const RowAttentionStatistics row = detail::row_attention_statistics(
+          fn, view.head(h).row(r), positions.queries[static_cast<std::size_t>(r)], training_length,
+          positions.keys, h, r);
       if (row.empty) continue;
       entropy += row.entropy;
       distance += row.mean_distance;

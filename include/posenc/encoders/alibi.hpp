@@ -81,13 +81,16 @@ class Alibi {
   /// The reference slopes of `heads` heads. Throws unless heads >= 1.
   explicit Alibi(Index heads, BiasForm form = BiasForm::causal,
                  AlibiSlopes rounding = AlibiSlopes::reference)
-      : slopes_(alibi_slopes(heads, rounding)), form_(form) {}
+      : slopes_(slopes_for(heads, rounding)), form_(form) {}
 
   /// Explicit slopes, one per head. Throws when empty or not finite.
   explicit Alibi(Vector<double> slopes, BiasForm form = BiasForm::causal)
       : slopes_(std::move(slopes)), form_(form) {
     detail::require(slopes_.size() >= 1, "posenc::Alibi", "slopes must have at least one entry");
-    detail::require(slopes_.allFinite(), "posenc::Alibi", "slopes must be finite");
+    for (Index h = 0; h < slopes_.size(); ++h) {
+      detail::require(std::isfinite(slopes_[h]), "posenc::Alibi", "slopes must be finite, got ",
+                      slopes_[h], " at slopes[", h, "] (head ", h, ")");
+    }
   }
 
   Index heads() const { return slopes_.size(); }
@@ -109,6 +112,12 @@ class Alibi {
   }
 
  private:
+  /// alibi_slopes, with the heads checked under the constructor's name.
+  static Vector<double> slopes_for(Index heads, AlibiSlopes rounding) {
+    detail::require(heads >= 1, "posenc::Alibi", "heads must be >= 1, got ", heads);
+    return alibi_slopes(heads, rounding);
+  }
+
   double value(double slope, Index query_minus_key) const {
     return static_cast<double>(detail::form_distance(form_, query_minus_key)) * -slope;
   }

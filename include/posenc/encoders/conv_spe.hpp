@@ -200,13 +200,8 @@ class ConvSpe : public detail::SpeStages<ConvSpe<Real>, Real> {
   /// Convenience: noise generated from `seed` (and, with `gate`, fresh gate noise).
   ConvSpe(ConvSpeParameters<Real> parameters, Index realizations, std::uint64_t seed,
           std::optional<Matrix<Real>> gate = std::nullopt)
-      : ConvSpe(parameters,
-                ConvSpeDraw<Real>::from_seed(
-                    realizations, parameters.query_filter.heads() * parameters.query_filter.rows(),
-                    seed),
-                gate ? std::optional<SpeGate<Real>>(SpeGate<Real>::sample(
-                           std::move(*gate), realizations, detail::mix64(seed ^ 0x5EED)))
-                     : std::nullopt) {}
+      : ConvSpe(parameters, seeded_draw(parameters, realizations, seed, gate),
+                seeded_gate(parameters, realizations, seed, gate)) {}
 
   Index heads() const { return heads_; }
   Index dim() const { return dim_; }
@@ -233,6 +228,30 @@ class ConvSpe : public detail::SpeStages<ConvSpe<Real>, Real> {
 
  private:
   friend class detail::SpeStages<ConvSpe<Real>, Real>;
+
+  /// The seeded constructor's arguments, checked under its name before anything is sampled.
+  static void check_seeded(const ConvSpeParameters<Real>& parameters, Index realizations,
+                           const std::optional<Matrix<Real>>& gate) {
+    const Heads<Real>& wq = parameters.query_filter;
+    detail::require(wq.heads() >= 1 && wq.rows() >= 1, name,
+                    "the filters must be [H >= 1, D >= 1, ks], got [", wq.heads(), ", ", wq.rows(),
+                    ", ", wq.dim(), "]");
+    detail::check_seeded_spe(name, wq.heads(), wq.rows(), realizations, gate);
+  }
+  static ConvSpeDraw<Real> seeded_draw(const ConvSpeParameters<Real>& parameters,
+                                       Index realizations, std::uint64_t seed,
+                                       const std::optional<Matrix<Real>>& gate) {
+    check_seeded(parameters, realizations, gate);
+    const Heads<Real>& wq = parameters.query_filter;
+    return ConvSpeDraw<Real>::from_seed(realizations, wq.heads() * wq.rows(), seed);
+  }
+  static std::optional<SpeGate<Real>> seeded_gate(const ConvSpeParameters<Real>& parameters,
+                                                  Index realizations, std::uint64_t seed,
+                                                  const std::optional<Matrix<Real>>& gate) {
+    check_seeded(parameters, realizations, gate);
+    if (!gate) return std::nullopt;
+    return SpeGate<Real>::sample(*gate, realizations, detail::mix64(seed ^ 0x5EED));
+  }
 
   void filter(Index head, Positions positions, ConstTileRef<Real> in, TileRef<Real> out,
               bool query) const {

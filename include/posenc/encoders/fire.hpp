@@ -33,6 +33,7 @@ struct FireOptions {
   /// c in ψ(x) = log(|c·x| + 1); learnable, initialised to 0.1.
   double c = 0.1;
   /// L0 (`init_L`, a frozen parameter): the threshold below which the normaliser stops shrinking.
+  /// A length: >= 0.
   double threshold = 512.0;
   /// `L_multiplier` (learnable, init 1): the threshold used is L = |threshold_multiplier · L0|.
   double threshold_multiplier = 1.0;
@@ -86,8 +87,8 @@ class Fire {
  public:
   using Scalar = T;
 
-  /// Throws unless the shapes are as above (W >= 1, heads >= 1), everything is finite and
-  /// eps > 0.
+  /// Throws unless the shapes are as above (W >= 1, heads >= 1), everything is finite,
+  /// eps > 0 and threshold >= 0 (threshold_multiplier may be negative).
   Fire(Matrix<double> w1, Vector<double> b1, Matrix<double> w2, Vector<double> b2,
        FireOptions options = {})
       : w1_(std::move(w1)),
@@ -114,6 +115,9 @@ class Fire {
                     fn, "c, threshold, threshold_multiplier and negative_slope must be finite");
     detail::require(std::isfinite(options_.eps) && options_.eps > 0.0, fn,
                     "eps must be finite and positive, got ", options_.eps);
+    // L0 is a length (init_L); only the learnable multiplier may turn negative (L uses |·|).
+    detail::require(options_.threshold >= 0.0, fn, "threshold (L0, init_L) must be >= 0, got ",
+                    options_.threshold);
     if (options_.float32_distance) {
       threshold_ = std::abs(static_cast<double>(static_cast<float>(options_.threshold_multiplier) *
                                                 static_cast<float>(options_.threshold)));

@@ -48,7 +48,8 @@ class Kerple {
   /// The reference's upper clamp of the power exponent r2.
   static constexpr double maximum_exponent = 2.0;
 
-  /// Throws when r1 and r2 differ in size, are empty, or hold a non-finite value.
+  /// Throws when r1 and r2 differ in size, are empty, or hold a non-finite value (the message
+  /// names the parameter, head and value).
   Kerple(KerpleKernel kernel, Vector<double> r1, Vector<double> r2,
          BiasForm form = BiasForm::causal)
       : kernel_(kernel), r1_(std::move(r1)), r2_(std::move(r2)), form_(form) {
@@ -56,7 +57,14 @@ class Kerple {
     detail::require(r1_.size() >= 1 && r1_.size() == r2_.size(), fn,
                     "r1 and r2 must have one entry per head, got ", r1_.size(), " and ",
                     r2_.size());
-    detail::require(r1_.allFinite() && r2_.allFinite(), fn, "parameters must be finite");
+    const auto require_finite = [&](const char* name, const Vector<double>& values) {
+      for (Index h = 0; h < values.size(); ++h) {
+        detail::require(std::isfinite(values[h]), fn, "parameters must be finite, got ", name, "[",
+                        h, "] = ", values[h], " (head ", h, ")");
+      }
+    };
+    require_finite("r1", r1_);
+    require_finite("r2", r2_);
     r1_ = r1_.cwiseMax(minimum_parameter);
     r2_ = r2_.cwiseMax(minimum_parameter);
     if (kernel_ == KerpleKernel::power) r2_ = r2_.cwiseMin(maximum_exponent);

@@ -23,14 +23,19 @@ namespace posenc {
 
 /// Which channels of a head form a rotation pair, for a rotary width r.
 ///
-///   interleaved  pair k = channels (2k, 2k+1): RoFormer (Su et al.), Meta LLaMA, HF GPT-J
-///                `rotate_every_two`, ggml/llama.cpp NORMAL (mode 0), ONNX `interleaved=1`,
-///                torchscale XPos.
-///   half         pair k = channels (k, k + r/2): GPT-NeoX, HF Llama/Mistral/Qwen `rotate_half`,
-///                ggml/llama.cpp NEOX (mode 2), ONNX `interleaved=0`, flash-attention's default.
+///   half         pair k = channels (k, k + r/2): HF transformers `rotate_half` (Llama, Mistral,
+///                Qwen, Gemma, Phi, ... checkpoints from the Hub), GPT-NeoX, ggml/llama.cpp NEOX
+///                (mode 2), ONNX `interleaved=0`, flash-attention's default. RotaryOptions'
+///                default.
+///   interleaved  pair k = channels (2k, 2k+1): Meta's original LLaMA code (`view_as_complex`),
+///                RoFormer (Su et al.), HF GPT-J `rotate_every_two`, ggml/llama.cpp NORMAL (mode
+///                0), ONNX `interleaved=1`, torchscale XPos (XPosOptions' default).
 ///
 /// The two are the same rotation on permuted channels (rotary_half_permutation); the pairing is a
-/// property of the trained weights, so it must match the checkpoint.
+/// property of the trained weights, so it must match the checkpoint: a wrong pairing raises no
+/// error, it silently gives wrong logits. HF Hub Llama-family weights were permuted for
+/// `rotate_half` when converted from Meta's, so they need `half`; Meta's own consolidated
+/// checkpoints (and llama.cpp's NORMAL GGUFs) need `interleaved`.
 enum class RotaryPairing : std::uint8_t { interleaved, half };
 
 /// The channel permutation that turns interleaved pairing into half pairing: channel j of the
@@ -72,8 +77,9 @@ struct YarnOptions {
 ///   linear(s)                    θ_k / s                          (position interpolation)
 ///   ntk(s)                       base' = base·s^(r/(r−2))         (static NTK-aware)
 ///   dynamic_ntk(s, L0, L)        base' = base·(s·L/L0 − (s−1))^(r/(r−2)) for L > L0, else θ_k
+///                                (L >= 0)
 ///   yarn(s, L0, options)         θ_k blended with θ_k/s by a ramp over the pair index, times a
-///                                magnitude on cos and sin
+///                                magnitude on cos and sin (s >= 1, beta_fast >= beta_slow > 0)
 ///   llama3(s, L0, low, high)     θ_k kept for wavelengths < L0/high, θ_k/s above L0/low,
 ///                                smoothly mixed in between
 struct RopeScaling {
@@ -120,7 +126,9 @@ struct RotaryOptions {
   /// Channels rotated (even, <= head_dim); the others pass through. 0 = all. HF
   /// partial_rotary_factor·head_dim, GPT-J rotary_dim, ggml n_dims.
   Index rotary_dim = 0;
-  RotaryPairing pairing = RotaryPairing::interleaved;
+  /// Default `half` (HF transformers `rotate_half`, what most checkpoints use); set
+  /// `RotaryPairing::interleaved` for Meta's original LLaMA, GPT-J, RoFormer or ggml NORMAL.
+  RotaryPairing pairing = RotaryPairing::half;
   RopeScaling scaling = {};
   /// cos/sin rows of positions [0, cached_positions) are computed on first use (in chunks) and
   /// kept, shared by copies of the encoder; other positions are computed on the fly.
@@ -172,6 +180,9 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
     case Kind::ntk:
       return {default_frequencies(base * std::pow(s, r / (r - 2.0))), 1.0};
     case Kind::dynamic_ntk: {
+      require(scaling.sequence_length >= 0, fn,
+              "dynamic NTK sequence_length must be >= 0 (max(position_ids) + 1), got ",
+              scaling.sequence_length);
       const double length =
           static_cast<double>(std::max(scaling.sequence_length, scaling.original_context));
       const double l0 = static_cast<double>(scaling.original_context);
@@ -183,6 +194,10 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
       require(y.beta_fast > 0.0 && y.beta_slow > 0.0, fn,
               "YaRN beta_fast and beta_slow must be positive, got ", y.beta_fast, " and ",
               y.beta_slow);
+      // HF's _validate_yarn_parameters warns about both; the ramp and magnitude assume them.
+      require(y.beta_fast >= y.beta_slow, fn, "YaRN beta_fast must be >= beta_slow, got beta_fast ",
+              y.beta_fast, " < beta_slow ", y.beta_slow);
+      require(s >= 1.0, fn, "YaRN factor must be >= 1 (it extends the context), got ", s);
       const double l0 = static_cast<double>(scaling.original_context);
       // Pair index at which a wavelength completes `rotations` turns over L0 (HF
       // find_correction_dim; ggml ggml_rope_yarn_corr_dim).
@@ -247,9 +262,10 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
 /// 2104.09864.
 ///
 /// - Rows: [rows, head_dim] tiles, row r at absolute position positions[r] (any int64, negative
-///   included); the first rotary_dim channels rotate (pairing: RotaryPairing), the rest pass
-///   through; transformed_dim(d) = d. Queries and keys get the same rotation; the `centre`
-///   argument is ignored. `out` may be the same matrix as `in` (not a partial overlap).
+///   included); the first rotary_dim channels rotate (pairing: RotaryPairing, default half =
+///   HF `rotate_half`; interleaved = Meta LLaMA / GPT-J / RoFormer), the rest pass through;
+///   transformed_dim(d) = d. Queries and keys get the same rotation; the `centre` argument is
+///   ignored. `out` may be the same matrix as `in` (not a partial overlap).
 /// - Angles are formed in double (p·θ exact, reduced modulo 2π) and cast last; cos/sin rows are
 ///   cached per position on first use (thread-safe; copies share the cache).
 /// - Scalings (RopeScaling) change θ_k and, for YaRN, multiply cos and sin by a magnitude.
@@ -318,6 +334,8 @@ class RotaryEncoding {
   /// other scaling returns a copy of *this.
   RotaryEncoding for_sequence_length(Index sequence_length) const {
     if (scaling_.kind != RopeScaling::Kind::dynamic_ntk) return *this;
+    detail::require(sequence_length >= 0, "posenc::RotaryEncoding::for_sequence_length",
+                    "sequence_length must be >= 0 (max(position_ids) + 1), got ", sequence_length);
     RopeScaling scaling = scaling_;
     scaling.sequence_length = sequence_length;
     return RotaryEncoding(head_dim_, {.base = base_,

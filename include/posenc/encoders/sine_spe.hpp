@@ -180,13 +180,8 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
   /// Convenience: a fresh draw (and, when `gate` is given, fresh gate noise) from `seed`.
   SineSpe(SineSpeParameters<Real> parameters, Index realizations, std::uint64_t seed,
           std::optional<Matrix<Real>> gate = std::nullopt)
-      : SineSpe(
-            parameters,
-            SineSpeDraw<Real>::sample(parameters.frequencies.heads(), parameters.frequencies.rows(),
-                                      parameters.frequencies.dim(), realizations, seed),
-            gate ? std::optional<SpeGate<Real>>(SpeGate<Real>::sample(
-                       std::move(*gate), realizations, detail::mix64(seed ^ 0x5EED)))
-                 : std::nullopt) {}
+      : SineSpe(parameters, seeded_draw(parameters, realizations, seed, gate),
+                seeded_gate(parameters, realizations, seed, gate)) {}
 
   Index heads() const { return heads_; }
   Index dim() const { return dim_; }
@@ -214,6 +209,30 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
 
  private:
   friend class detail::SpeStages<SineSpe<Real>, Real>;
+
+  /// The seeded constructor's arguments, checked under its name before anything is sampled.
+  static void check_seeded(const SineSpeParameters<Real>& parameters, Index realizations,
+                           const std::optional<Matrix<Real>>& gate) {
+    const Heads<Real>& f = parameters.frequencies;
+    detail::require(f.heads() >= 1 && f.rows() >= 1 && f.dim() >= 1, name,
+                    "frequencies must be [H >= 1, D >= 1, K >= 1], got [", f.heads(), ", ",
+                    f.rows(), ", ", f.dim(), "]");
+    detail::check_seeded_spe(name, f.heads(), f.rows(), realizations, gate);
+  }
+  static SineSpeDraw<Real> seeded_draw(const SineSpeParameters<Real>& parameters,
+                                       Index realizations, std::uint64_t seed,
+                                       const std::optional<Matrix<Real>>& gate) {
+    check_seeded(parameters, realizations, gate);
+    const Heads<Real>& f = parameters.frequencies;
+    return SineSpeDraw<Real>::sample(f.heads(), f.rows(), f.dim(), realizations, seed);
+  }
+  static std::optional<SpeGate<Real>> seeded_gate(const SineSpeParameters<Real>& parameters,
+                                                  Index realizations, std::uint64_t seed,
+                                                  const std::optional<Matrix<Real>>& gate) {
+    check_seeded(parameters, realizations, gate);
+    if (!gate) return std::nullopt;
+    return SpeGate<Real>::sample(*gate, realizations, detail::mix64(seed ^ 0x5EED));
+  }
 
   /// 2π·f·position (+ θ for queries), in double.
   double phase(Index head, Index dk, Index position, bool query) const {

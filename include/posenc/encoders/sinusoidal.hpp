@@ -33,8 +33,9 @@ enum class SinusoidalLayout {
   /// exp(−k · ln(max_timescale/min_timescale) / max(floor(d/2) − 1, 1)), so the last frequency is
   /// exactly min_timescale/max_timescale. tensor2tensor `get_timing_signal_1d`; fairseq
   /// `SinusoidalPositionalEmbedding` (and HF's fairseq ports: M2M100, Speech2Text). Odd d: the
-  /// last channel is zero. d = 2 or 3 uses t2t's guard (one frequency, min_timescale); fairseq
-  /// divides by zero there.
+  /// last channel is zero (deliberate: t2t's zero padding, kept for exactness against the
+  /// references); d = 1 would be that channel alone and is rejected. d = 2 or 3 uses t2t's guard
+  /// (one frequency, min_timescale); fairseq divides by zero there.
   concatenated_t2t,
 };
 
@@ -122,12 +123,17 @@ class SinusoidalEncoding {
  public:
   using Scalar = Scalar_;
 
-  /// Throws std::invalid_argument for dim <= 0, base <= 1 or not finite, or timescales that are
-  /// not finite with 0 < min_timescale <= max_timescale.
+  /// Throws std::invalid_argument for dim <= 0, dim = 1 with concatenated_t2t (no sinusoid at
+  /// all), base <= 1 or not finite, or timescales that are not finite with 0 < min_timescale <=
+  /// max_timescale.
   explicit SinusoidalEncoding(Index dim, SinusoidalOptions options = {})
       : dim_(dim), options_(options) {
     constexpr const char* fn = "posenc::SinusoidalEncoding";
     detail::require(dim > 0, fn, "dim must be positive, got ", dim);
+    detail::require(
+        options.layout != SinusoidalLayout::concatenated_t2t || dim >= 2, fn,
+        "the concatenated_t2t layout needs dim >= 2 (floor(dim/2) sine/cosine pairs), got dim ",
+        dim, ": its only channel would be all zero");
     detail::require(std::isfinite(options.base) && options.base > 1.0, fn,
                     "base must be finite and > 1, got ", options.base);
     detail::require(

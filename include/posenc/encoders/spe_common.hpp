@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,20 @@ inline void check_spe_shape(const char* fn, const AttentionShape& shape, Index h
           "supported)");
   require(shape.query_dim == dim, fn, "q and k have dim ", shape.query_dim,
           " but the codes were built for D = ", dim);
+}
+
+/// The seeded constructors of SineSpe and ConvSpe (`fn`, e.g. "posenc::SineSpe"): checks R and
+/// the optional gate's shape [H, D] before the noise or the gate is sampled, so a bad argument is
+/// reported under the constructor the user called (not SineSpeDraw::sample, ConvSpeDraw::from_seed
+/// or SpeGate::sample). Called by both sampling helpers: argument evaluation order is unspecified.
+template <class Real>
+void check_seeded_spe(const char* fn, Index heads, Index dim, Index realizations,
+                      const std::optional<Matrix<Real>>& gate) {
+  require(realizations >= 1, fn, "the number of realizations R must be >= 1, got ", realizations);
+  if (gate) {
+    require(gate->rows() == heads && gate->cols() == dim, fn, "gate must be [H, D] = [", heads,
+            ", ", dim, "], got [", gate->rows(), ", ", gate->cols(), "]");
+  }
 }
 
 /// Checks one tile of transform_queries / transform_keys.

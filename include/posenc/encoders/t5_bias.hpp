@@ -72,7 +72,10 @@ inline Index t5_bucket(Index relative_position, const T5BucketOptions& options) 
 /// - i, j: absolute query and key positions; only j − i matters (so decoding at query position t
 ///   reads row t of the full bias, like HF with `cache_position`).
 /// - T5 attention has NO 1/sqrt(d) scaling (scores = q·k + B; the scale is folded into the init):
-///   pass `AttentionOptions{.scale = 1.0}` to reproduce T5.
+///   natural_scale() is 1, which the kernel uses when the caller sets no scale.
+/// - Direction: a bidirectional table (encoder self-attention) has natural_mask() none, a causal
+///   one (decoder) causal; the kernel uses it when the caller sets no mask. A bidirectional bias
+///   under a causal mask is then an explicit choice (`.mask = Mask::causal()`).
 /// - The buckets of relative positions up to the distance where both directions saturate
 ///   (91 for the defaults) are tabulated on construction; a tile then costs one lookup per
 ///   distinct distance and one add per element. Matches golden
@@ -120,6 +123,11 @@ class T5RelativeBias {
   Index heads() const { return table_.cols(); }
   const Matrix<T>& table() const { return table_; }
   const T5BucketOptions& options() const { return options_; }
+
+  /// T5 does not scale its logits (encoding.hpp's HasNaturalScale hook).
+  double natural_scale() const { return 1.0; }
+  /// Encoder self-attention for a bidirectional table, decoder (causal) otherwise (HasNaturalMask).
+  Mask natural_mask() const { return options_.bidirectional ? Mask::none() : Mask::causal(); }
 
   /// The bucket of relative_position = j − i (key minus query).
   Index bucket(Index relative_position) const { return t5_bucket(relative_position, options_); }

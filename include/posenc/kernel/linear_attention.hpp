@@ -171,17 +171,27 @@ void causal_chunk(const Map& map, const Values& values, LinearWorkspace<Scalar>&
     read_state(map, s, ws);
     ws.weights.template triangularView<Eigen::StrictlyUpper>().setZero();
   }
-  ws.numerator.noalias() += ws.weights * values;
+  if (values.allFinite()) {
+    ws.numerator.noalias() += ws.weights * values;
+  } else {
+    // Row i reads only the values j <= i: 0 · NaN would leak a later key's value into it (and
+    // Eigen's triangular product multiplies the zero triangle of its diagonal blocks).
+    for (Index i = 0; i < rows; ++i) {
+      ws.numerator.row(i).noalias() += ws.weights.row(i).head(i + 1) * values.topRows(i + 1);
+    }
+  }
   ws.denominator += ws.weights.rowwise().sum();
   absorb_keys(map, values, ws, s);
 }
 
-/// out = numerator / denominator row by row; a zero denominator gives a zero row, never NaN.
+/// out = numerator / denominator row by row; a zero denominator (no key, or a feature map that
+/// gives all-zero features) gives a zero row; a NaN one (a non-finite input reached the row)
+/// gives NaN.
 template <class Scalar, class Out>
 void write_normalized(const LinearWorkspace<Scalar>& ws, Out&& out) {
   for (Index i = 0; i < out.rows(); ++i) {
     const Scalar den = ws.denominator[i];
-    if (den > Scalar(0)) {
+    if (den != Scalar(0)) {
       out.row(i) = ws.numerator.row(i) / den;
     } else {
       out.row(i).setZero();
@@ -205,8 +215,10 @@ template <class Scalar, class Map, class Encoder>
 LinearShape check_linear(const char* fn, const HeadsView<const Scalar>& q,
                          const HeadsView<const Scalar>& k, const HeadsView<const Scalar>& v,
                          const Map& map, const Encoder& encoder, bool causal, int threads,
-                         Index chunk) {
+                         Index chunk, Index first_position) {
   detail::check_qkv_shapes(fn, q, k, v);
+  detail::require_position_run(fn, "first_position", first_position,
+                               std::max(q.rows(), k.rows()));
   detail::require(!causal || q.rows() == k.rows(), fn,
                   "causal linear attention needs as many keys as queries (the same tokens), got ",
                   q.rows(), " queries and ", k.rows(),

@@ -36,16 +36,27 @@ struct OnlineSoftmax {
 
   /// Turns `scores` (rows × cols) into exp(scores − new max) in place (−inf, i.e. masked, gives
   /// exactly 0) and rescales the running sum and output. Returns false when no entry of the
-  /// tile is allowed (nothing to add).
+  /// tile has a score above −inf (nothing to add).
+  ///
+  /// Non-finite scores follow IEEE arithmetic (README, "Non-finite values"): a NaN score makes
+  /// exp(NaN − max) = NaN, so the row's sum and output become NaN; a +inf score makes the max +inf
+  /// and exp(inf − inf) = NaN. The one place a NaN could hide is a row whose other entries are all
+  /// −inf (the max is then −inf and nothing is exponentiated): such a row is marked NaN here.
   bool absorb(StridedTile<Scalar>& scores) {
     constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+    constexpr Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
     bool any = false;
     bool rescaled = false;
     for (Index r = 0; r < scores.rows(); ++r) {
       auto row = scores.row(r);
       const Scalar old_max = row_max[r];
+      // std::max keeps a NaN old_max (a row already marked NaN stays NaN).
       const Scalar new_max = std::max(old_max, row_maximum(row.data(), scores.cols()));
-      if (new_max == minus_infinity) {  // every key so far is masked for this row
+      if (new_max == minus_infinity) {  // every score so far is −inf (masked) or NaN
+        if (row.hasNaN()) {
+          row_max[r] = nan;
+          row_sum[r] = nan;
+        }
         row.setZero();
         rescale[r] = Scalar(1);
         continue;
@@ -65,27 +76,39 @@ struct OnlineSoftmax {
   }
 };
 
-/// Where the streaming kernel writes its result: normalised output, or a partial.
+/// Where the streaming kernel writes its result: normalised output, or a partial. A row whose
+/// running max is still −inf either has no allowed key (zero, the only zero row) or only keys
+/// scoring −inf (NaN: exp(−inf − (−inf)), as softmax gives); `has_allowed_key` tells which.
 template <class Scalar>
 struct ResultSink {
   HeadsView<Scalar> output;
   Matrix<Scalar>* row_max = nullptr;  // partial mode when non-null
   Matrix<Scalar>* row_sum = nullptr;
 
-  void write(Index h, Index first, const OnlineSoftmax<Scalar>& state) const {
+  template <class HasAllowedKey>
+  void write(Index h, Index first, const OnlineSoftmax<Scalar>& state,
+             HasAllowedKey has_allowed_key) const {
+    constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+    constexpr Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
     auto out = output.head(h).middleRows(first, state.output.rows());
     if (row_max != nullptr) {
       out = state.output;
       row_max->row(h).segment(first, state.row_max.size()) = state.row_max.transpose();
       row_sum->row(h).segment(first, state.row_sum.size()) = state.row_sum.transpose();
+      for (Index r = 0; r < out.rows(); ++r) {
+        const Scalar max = state.row_max[r];
+        if (std::isnan(max) || (max == minus_infinity && has_allowed_key(first + r))) {
+          (*row_sum)(h, first + r) = nan;
+          out.row(r).setConstant(nan);
+        }
+      }
       return;
     }
     for (Index r = 0; r < out.rows(); ++r) {
-      const Scalar sum = state.row_sum[r];
-      if (sum > Scalar(0)) {
-        out.row(r) = state.output.row(r) / sum;
+      if (state.row_max[r] == minus_infinity) {
+        out.row(r).setConstant(has_allowed_key(first + r) ? nan : Scalar(0));
       } else {
-        out.row(r).setZero();  // no allowed key: zeros, never NaN
+        out.row(r) = state.output.row(r) / state.row_sum[r];
       }
     }
   }

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <utility>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -40,6 +42,10 @@ struct AttentionProblem {
   bool has_segments() const { return !query_segments.empty(); }
 };
 
+/// Below this many multiply-adds (H·N·M·(logit width + Dv), about 0.2 ms on one core) a call with
+/// threads = 0 runs on the calling thread.
+inline constexpr double single_thread_work = 1 << 24;
+
 /// Checks every argument of an attention call and resolves defaults.
 template <class Scalar, class Encoder>
 AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
@@ -57,17 +63,19 @@ AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
       options.key_positions.empty() || static_cast<Index>(options.key_positions.size()) == k.rows(),
       fn, "key_positions has ", options.key_positions.size(), " entries but k has ", k.rows(),
       " rows");
-  detail::require(options.query_segments.empty() == options.key_segments.empty(), fn,
-                  "query_segments and key_segments must be given together, got ",
-                  options.query_segments.size(), " and ", options.key_segments.size(), " entries");
-  detail::require(options.query_segments.empty() ||
-                      static_cast<Index>(options.query_segments.size()) == q.rows(),
-                  fn, "query_segments has ", options.query_segments.size(), " entries but q has ",
-                  q.rows(), " rows");
-  detail::require(
-      options.key_segments.empty() || static_cast<Index>(options.key_segments.size()) == k.rows(),
-      fn, "key_segments has ", options.key_segments.size(), " entries but k has ", k.rows(),
-      " rows");
+  // Segments are given when either side is: then both, except that an empty span is the right
+  // length for a side with no rows.
+  const std::size_t query_ids = options.query_segments.size();
+  const std::size_t key_ids = options.key_segments.size();
+  detail::require((query_ids == 0 || key_ids > 0 || k.rows() == 0) &&
+                      (key_ids == 0 || query_ids > 0 || q.rows() == 0),
+                  fn, "query_segments and key_segments must be given together, got ", query_ids,
+                  " and ", key_ids, " entries");
+  detail::require(query_ids == 0 || static_cast<Index>(query_ids) == q.rows(), fn,
+                  "query_segments has ", query_ids, " entries but q has ", q.rows(), " rows");
+  detail::require(key_ids == 0 || static_cast<Index>(key_ids) == k.rows(), fn, "key_segments has ",
+                  key_ids, " entries but k has ", k.rows(), " rows");
+  detail::require_option_positions(fn, options, q.rows(), k.rows());
   detail::require(options.query_block >= 1 && options.key_block >= 1, fn,
                   "query_block and key_block must be >= 1, got ", options.query_block, " and ",
                   options.key_block);
@@ -91,7 +99,14 @@ AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
   if constexpr (HasValidate<Encoder>) {
     encoder.validate(AttentionShape{q.heads(), k.heads(), q.rows(), k.rows(), q.dim(), v.dim()});
   }
-  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(logit_dim)));
+  const double scale = detail::resolve_scale(encoder, options.scale, logit_dim);
+  detail::require(std::isfinite(scale) && scale > 0.0, fn,
+                  "the encoder's natural_scale() must be finite and positive, got ", scale);
+  // threads = 0 (automatic): a small call (a decoding step) runs on the calling thread, since
+  // waking an OpenMP team costs more than the work, and far more on a loaded machine.
+  const double work = static_cast<double>(q.heads()) * static_cast<double>(q.rows()) *
+                      static_cast<double>(k.rows()) * static_cast<double>(logit_dim + v.dim());
+  const int threads = options.threads == 0 && work < single_thread_work ? 1 : options.threads;
   return AttentionProblem<Scalar>{.q = q,
                                   .k = k,
                                   .v = v,
@@ -107,11 +122,44 @@ AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
                                   .key_positions = options.key_positions,
                                   .query_segments = options.query_segments,
                                   .key_segments = options.key_segments,
-                                  .mask = options.mask,
+                                  .mask = detail::resolve_mask(encoder, options.mask),
                                   .scale = static_cast<Scalar>(scale),
                                   .query_block = options.query_block,
                                   .key_block = options.key_block,
-                                  .threads = options.threads};
+                                  .threads = threads};
+}
+
+/// Whether query row r may attend to key column c (mask and segments).
+template <class Scalar>
+bool allows(const AttentionProblem<Scalar>& p, Index r, Index c) {
+  if (p.has_segments() && p.query_segments[static_cast<std::size_t>(r)] !=
+                              p.key_segments[static_cast<std::size_t>(c)]) {
+    return false;
+  }
+  return p.mask.allows(p.query_position(r), p.key_position(c));
+}
+
+/// Whether query row r may attend to any key: false only for the rows whose output is zero.
+template <class Scalar>
+bool has_allowed_key(const AttentionProblem<Scalar>& p, Index r) {
+  if (p.keys == 0) return false;
+  if (!p.has_segments() && p.key_positions.empty()) {  // keys at 0 … M−1: one interval test
+    const KeyRange range = p.mask.key_range(p.query_position(r));
+    return range.first <= range.last && range.first <= p.keys - 1 && range.last >= 0;
+  }
+  for (Index c = 0; c < p.keys; ++c) {
+    if (allows(p, r, c)) return true;
+  }
+  return false;
+}
+
+/// The first and one-past-last address of a view's elements.
+template <class Scalar>
+std::pair<const void*, const void*> address_range(const HeadsView<Scalar>& view) {
+  if (view.heads() == 0 || view.rows() == 0 || view.dim() == 0) return {nullptr, nullptr};
+  const Scalar* last = view.data() + (view.heads() - 1) * view.head_stride() +
+                       (view.rows() - 1) * view.row_stride() + view.dim();
+  return {view.data(), last};
 }
 
 template <class Scalar>
@@ -120,6 +168,18 @@ void require_output_shape(const char* fn, const HeadsView<Scalar>& out,
   detail::require(out.heads() == p.heads && out.rows() == p.queries && out.dim() == p.value_dim, fn,
                   "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(),
                   "] but must be [", p.heads, ", ", p.queries, ", ", p.value_dim, "]");
+  // out is written while q, k and v are still read: it may share no memory with them (checked
+  // on address ranges, so interleaved non-overlapping layouts in one buffer are refused too).
+  const auto [out_first, out_last] = address_range(out);
+  const std::pair<const char*, HeadsView<const Scalar>> inputs[] = {{"q", p.q}, {"k", p.k}, {"v", p.v}};
+  for (const auto& [name, input] : inputs) {
+    const auto [first, last] = address_range(input);
+    detail::require(out_first == nullptr || first == nullptr ||
+                        !(std::less<const void*>()(out_first, last) &&
+                          std::less<const void*>()(first, out_last)),
+                    fn, "out shares memory with ", name,
+                    " (out must not alias q, k or v: the kernel reads them while it writes out)");
+  }
 }
 
 template <class Scalar>

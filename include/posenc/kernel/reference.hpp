@@ -4,6 +4,8 @@
 // IWYU pragma: private, include "posenc/attention.hpp"
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <limits>
 #include <vector>
@@ -71,27 +73,53 @@ std::vector<Matrix<Scalar>> reference_scores(const AttentionProblem<Scalar>& p,
 }
 
 /// The oracle: materialise every N × M score matrix, mask, softmax. Returns the probabilities
-/// per head (N × M each).
+/// per head (N × M each): over the allowed keys of each row, in IEEE arithmetic (README,
+/// "Non-finite values"); zero for forbidden keys and for rows with no allowed key.
 template <class Scalar, class Encoder>
 std::vector<Matrix<Scalar>> reference_weights(const AttentionProblem<Scalar>& p,
                                               const Encoder& encoder) {
   std::vector<Matrix<Scalar>> weights = reference_scores(p, encoder);
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
+  constexpr Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
   for (Matrix<Scalar>& w : weights) {
     for (Index r = 0; r < w.rows(); ++r) {
-      const Scalar max = w.row(r).maxCoeff();
-      if (max == minus_infinity) {  // nothing allowed: the row is zero
+      if (!has_allowed_key(p, r)) {
         w.row(r).setZero();
         continue;
       }
-      // select: Eigen's vectorised exp maps −inf to the smallest normal number, not to 0.
-      w.row(r) = (w.row(r).array() == minus_infinity)
-                     .select(Scalar(0), (w.row(r).array() - max).exp())
-                     .matrix();
-      w.row(r) /= w.row(r).sum();
+      // The max over the allowed keys; NaN when any of them scores NaN.
+      Scalar max = minus_infinity;
+      for (Index c = 0; c < w.cols(); ++c) {
+        if (!allows(p, r, c)) continue;
+        if (std::isnan(w(r, c))) max = nan;
+        if (!std::isnan(max)) max = std::max(max, w(r, c));
+      }
+      Scalar sum = 0;
+      for (Index c = 0; c < w.cols(); ++c) {
+        // exp(−inf − max) is exactly 0 for finite max; exp(−inf − (−inf)) and exp(inf − inf) are
+        // NaN, as IEEE gives.
+        w(r, c) = allows(p, r, c) ? std::exp(w(r, c) - max) : Scalar(0);
+        sum += w(r, c);
+      }
+      w.row(r) /= sum;
     }
   }
   return weights;
+}
+
+/// Σ_j w_ij v_j over the allowed keys of each row: a forbidden key's value is never read (its
+/// weight 0 would turn a non-finite value into NaN).
+template <class Scalar, class Values>
+Matrix<Scalar> reference_values(const AttentionProblem<Scalar>& p, const Matrix<Scalar>& weights,
+                                const Values& v) {
+  if (v.allFinite()) return weights * v;
+  Matrix<Scalar> out = Matrix<Scalar>::Zero(weights.rows(), v.cols());
+  for (Index r = 0; r < weights.rows(); ++r) {
+    for (Index c = 0; c < weights.cols(); ++c) {
+      if (allows(p, r, c)) out.row(r) += weights(r, c) * v.row(c);
+    }
+  }
+  return out;
 }
 
 template <class Scalar, class Encoder>
@@ -105,7 +133,7 @@ void reference_output(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   fill_positions(p, false, 0, p.keys, kpos);
   for (Index h = 0; h < p.heads; ++h) {
     const Matrix<Scalar>& w = weights[static_cast<std::size_t>(h)];
-    Matrix<Scalar> o = w * p.v.head(p.kv_head(h));
+    Matrix<Scalar> o = reference_values(p, w, p.v.head(p.kv_head(h)));
     if constexpr (RelativeKeyValue<Encoder>) {
       if (p.keys > 0) encoder.add_relative_values(h, qpos, kpos, w, o);
     }

@@ -72,6 +72,40 @@ auto load_keys(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index 
   }
 }
 
+/// P·V of a tile by the micro-kernel: state.padded_output += scores · v rows (within limits).
+template <class Scalar>
+void accumulate_values(const AttentionProblem<Scalar>& p, Index kv_head, Index key_first,
+                       const StridedTile<Scalar>& scores, OnlineSoftmax<Scalar>& state,
+                       TileWorkspace<Scalar>& ws, ColumnLimits limits) {
+  const HeadsView<const Scalar>& v = p.v;
+  const Scalar* values = v.head(kv_head).data() + key_first * v.row_stride();
+  const Index width = padded_width<Scalar>(p.value_dim);
+  Index ldv = v.row_stride();
+  if (width != p.value_dim) {  // pad the value rows to whole packets; else read v in place
+    pack_rows(values, v.row_stride(), scores.cols(), p.value_dim, ws.values_p.data(), width);
+    values = ws.values_p.data();
+    ldv = width;
+  }
+  tile_accumulate(scores.data(), scores.outerStride(), scores.rows(), scores.cols(), values, ldv,
+                  width, state.padded_output.data(), state.padded_output.outerStride(), limits);
+}
+
+/// P·V reading only the allowed keys of a partial tile (scalar): where a masked column inside a
+/// row's span would multiply its weight 0 by a non-finite value and leak it into the row.
+template <class Scalar>
+void accumulate_allowed_values(const AttentionProblem<Scalar>& p, Index kv_head, Index query_first,
+                               Index key_first, const StridedTile<Scalar>& scores,
+                               OnlineSoftmax<Scalar>& state) {
+  const auto values = p.v.head(kv_head).middleRows(key_first, scores.cols());
+  for (Index r = 0; r < scores.rows(); ++r) {
+    for (Index c = 0; c < scores.cols(); ++c) {
+      if (allows(p, query_first + r, key_first + c)) {
+        state.output.row(r) += scores(r, c) * values.row(c);
+      }
+    }
+  }
+}
+
 /// Bias, mask and online-softmax update for one head's finished score tile, then P·V.
 template <class Scalar, class Encoder>
 void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Index h,
@@ -89,17 +123,16 @@ void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Inde
     apply_mask<Scalar>(p.mask, qpos, kpos, p.key_positions.empty(), qseg, kseg, scores);
   }
   if (!state.absorb(scores)) return;
-  const HeadsView<const Scalar>& v = p.v;
-  const Scalar* values = v.head(p.kv_head(h)).data() + key_first * v.row_stride();
-  const Index width = padded_width<Scalar>(p.value_dim);
-  Index ldv = v.row_stride();
-  if (width != p.value_dim) {  // pad the value rows to whole packets; else read v in place
-    pack_rows(values, v.row_stride(), scores.cols(), p.value_dim, ws.values_p.data(), width);
-    values = ws.values_p.data();
-    ldv = width;
+  const Index kv_head = p.kv_head(h);
+  // Masked columns inside a row's span carry weight 0, and 0 · NaN is NaN: on partial tiles whose
+  // mask is not one column interval per row (segments, explicit key positions) with a non-finite
+  // value, read only the allowed keys (README, "Non-finite values").
+  if (coverage == TileCoverage::partial && (p.has_segments() || !p.key_positions.empty()) &&
+      !p.v.head(kv_head).middleRows(key_first, scores.cols()).allFinite()) {
+    accumulate_allowed_values(p, kv_head, query_first, key_first, scores, state);
+  } else {
+    accumulate_values(p, kv_head, key_first, scores, state, ws, limits);
   }
-  tile_accumulate(scores.data(), scores.outerStride(), scores.rows(), scores.cols(), values, ldv,
-                  width, state.padded_output.data(), state.padded_output.outerStride(), limits);
   if constexpr (RelativeKeyValue<Encoder>) {
     encoder.add_relative_values(h, qpos, kpos, scores, state.output);
   }
@@ -196,7 +229,8 @@ void stream_per_head(const AttentionProblem<Scalar>& p, const Encoder& encoder,
           }
         }
         for (Index b = 0; b < blocks; ++b) {
-          sink.write(h, first + b * qb, states[static_cast<std::size_t>(b)]);
+          sink.write(h, first + b * qb, states[static_cast<std::size_t>(b)],
+                     [&](Index r) { return has_allowed_key(p, r); });
         }
       });
 }
@@ -269,7 +303,10 @@ void stream_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
                         states[static_cast<std::size_t>(h)], ws, limits);
           }
         }
-        for (Index h = 0; h < H; ++h) sink.write(h, first, states[static_cast<std::size_t>(h)]);
+        for (Index h = 0; h < H; ++h) {
+          sink.write(h, first, states[static_cast<std::size_t>(h)],
+                     [&](Index r) { return has_allowed_key(p, r); });
+        }
       });
 }
 

@@ -269,7 +269,8 @@ Packet softmax_exp(const Packet& x) {
   using namespace Eigen::internal;
   using Scalar = typename unpacket_traits<Packet>::type;
   const Packet lowest = pset1<Packet>(std::log(std::numeric_limits<Scalar>::min()));
-  return pselect(pcmp_lt(x, lowest), pset1<Packet>(Scalar(0)), pexp(x));
+  // NaN passes through (x == x is false only for NaN): a NaN score must reach the row's sum.
+  return pselect(pcmp_eq(x, x), pselect(pcmp_lt(x, lowest), pset1<Packet>(Scalar(0)), pexp(x)), x);
 }
 
 #ifdef EIGEN_VECTORIZE_AVX512
@@ -290,7 +291,8 @@ inline Eigen::internal::Packet16f softmax_exp(const Eigen::internal::Packet16f& 
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+  // Not-less-than, unordered: NaN counts as in range, so it propagates instead of becoming 0.
+  const __mmask16 in_range = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);
   return _mm512_maskz_scalef_ps(in_range, p, n);
 }
 #endif
