@@ -448,8 +448,8 @@ std::vector<CurveRole> curve_roles(const std::vector<Curves>& curves, int column
           identical = overlaps = identical && std::isnan(a) && std::isnan(b);
           continue;
         }
-        identical = identical &&
-                    std::abs(a - b) <= 1e-9 * std::max(std::abs(a), std::abs(b)) + 1e-12;
+        identical =
+            identical && std::abs(a - b) <= 1e-9 * std::max(std::abs(a), std::abs(b)) + 1e-12;
         overlaps = overlaps && (!log_y || (a > 0.0 && b > 0.0)) &&
                    std::abs(plotted(a) - plotted(b)) <= 0.01 * span;
       }
@@ -542,8 +542,8 @@ std::vector<std::filesystem::path> plot(const Settings& s, const std::vector<Cur
         gp << "keyentry with linespoints lt " << role.same_as + 1 << " title '" << name
            << ": identical to " << curves[role.same_as].name << "'";
       } else {
-        gp << "dir.'" << name << "_mean.csv' using 1:" << p.column
-           << " skip 1 with linespoints lt " << e + 1 << " title '" << name;
+        gp << "dir.'" << name << "_mean.csv' using 1:" << p.column << " skip 1 with linespoints lt "
+           << e + 1 << " title '" << name;
         if (role.overlaps) gp << ": on " << curves[*role.overlaps].name;
         gp << "'";
       }
@@ -591,8 +591,8 @@ std::vector<std::filesystem::path> plot(const Settings& s, const std::vector<Cur
   gp << "set terminal " << terminal << "1700," << 360 * grid_rows + 60 << "\nset output '"
      << maps.string() << "'\nset multiplot layout " << grid_rows << ',' << grid_columns
      << " margins 0.04,0.89,0.06,0.93 spacing 0.04,0.09"
-     << " title 'attention weights of head " << s.map_head << " at " << n
-     << " tokens (trained at " << s.train << ")'\n"
+     << " title 'attention weights of head " << s.map_head << " at " << n << " tokens (trained at "
+     << s.train << ")'\n"
      << "set xlabel offset 0,0.5 font ',9'\nset ylabel offset 1.5,0 font ',9'\n"
      << "set tics font ',8'\n";
   for (std::size_t e = 0; e < curves.size(); ++e) {

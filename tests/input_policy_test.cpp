@@ -77,9 +77,10 @@ Heads<Scalar> expect_stream_equals_reference(const Heads<Scalar>& q, const Heads
       second_half.key_segments = options.key_segments.subspan(static_cast<std::size_t>(m));
     }
     const Heads<Scalar> merged =
-        merge_partials(attention_partial(q, rows_of(k, 0, m), rows_of(v, 0, m), encoder, first_half),
-                       attention_partial(q, rows_of(k, m, k.rows() - m), rows_of(v, m, k.rows() - m),
-                                         encoder, second_half))
+        merge_partials(
+            attention_partial(q, rows_of(k, 0, m), rows_of(v, 0, m), encoder, first_half),
+            attention_partial(q, rows_of(k, m, k.rows() - m), rows_of(v, m, k.rows() - m), encoder,
+                              second_half))
             .normalized();
     EXPECT_EQ(non_finite_rows(merged), non_finite_rows(reference)) << "split-KV";
     EXPECT_LE(test::finite_part_error(merged.flat(), reference.flat()),
@@ -122,8 +123,8 @@ TYPED_TEST(InputPolicy, SegmentsWithAnEmptySideAreValid) {
   const auto k = random_heads<T>(1, 109, 4, rng);
   const auto v = random_heads<T>(1, 109, 4, rng);
   const Heads<T> no_queries(1, 0, 4);
-  const Heads<T> out = attention(no_queries, k, v,
-                                 AttentionOptions{.query_segments = {}, .key_segments = key_segments});
+  const Heads<T> out = attention(
+      no_queries, k, v, AttentionOptions{.query_segments = {}, .key_segments = key_segments});
   EXPECT_EQ(out.rows(), 0);
   const auto q = random_heads<T>(1, 6, 4, rng);
   const Heads<T> no_keys(1, 0, 4);
@@ -172,7 +173,8 @@ TYPED_TEST(InputPolicy, NanInAKeyReachesTheRowsThatSeeIt) {
   const auto v = random_heads<T>(1, 30, 8, rng);
   k.head(0)(12, 0) = nan_v<T>;
   const Heads<T> causal = expect_stream_equals_reference(q, k, v, {});
-  const Heads<T> window = expect_stream_equals_reference(q, k, v, {.mask = Mask::sliding_window(4)});
+  const Heads<T> window =
+      expect_stream_equals_reference(q, k, v, {.mask = Mask::sliding_window(4)});
   for (Index r = 0; r < 30; ++r) {
     EXPECT_EQ(row_is_nan(causal, 0, r), r >= 12) << r;
     EXPECT_EQ(row_is_nan(window, 0, r), r >= 12 && r < 16) << r;
@@ -204,8 +206,8 @@ TYPED_TEST(InputPolicy, OnlyARowWithNoAllowedKeyIsZero) {
   q.head(0).row(0).setConstant(huge);
   k.head(0).row(0).setConstant(-huge);  // row 0 sees key 0 only, scoring −inf: NaN (softmax 0/0)
   const std::vector<Index> qpos{0, 1, 2, -5};  // query at −5 sees no key under causal: zero
-  const Heads<T> out = expect_stream_equals_reference(
-      q, k, v, {.query_positions = qpos, .scale = 1.0});
+  const Heads<T> out =
+      expect_stream_equals_reference(q, k, v, {.query_positions = qpos, .scale = 1.0});
   EXPECT_TRUE(row_is_nan(out, 0, 0));
   EXPECT_TRUE(out.head(0).row(1).allFinite());
   EXPECT_EQ(out.head(0).row(3).cwiseAbs().maxCoeff(), T(0));
@@ -242,13 +244,13 @@ TYPED_TEST(InputPolicy, MergePartialsPropagatesNanInEitherOrder) {
   const auto v = random_heads<T>(1, 10, 4, rng);
   q.head(0)(2, 0) = nan_v<T>;
   const AttentionOptions options{.mask = Mask::none()};
-  const auto a = attention_partial(q, rows_of(k, 0, 5), rows_of(v, 0, 5), NoPositionalEncoding{},
-                                   options);
+  const auto a =
+      attention_partial(q, rows_of(k, 0, 5), rows_of(v, 0, 5), NoPositionalEncoding{}, options);
   const std::vector<Index> tail = test::iota(5, 5);
   AttentionOptions second = options;
   second.key_positions = tail;
-  const auto b = attention_partial(q, rows_of(k, 5, 5), rows_of(v, 5, 5), NoPositionalEncoding{},
-                                   second);
+  const auto b =
+      attention_partial(q, rows_of(k, 5, 5), rows_of(v, 5, 5), NoPositionalEncoding{}, second);
   EXPECT_TRUE(std::isnan(a.row_max(0, 2)));
   const auto ab = merge_partials(a, b);
   const auto ba = merge_partials(b, a);
@@ -279,7 +281,8 @@ TYPED_TEST(InputPolicy, LinearAttentionPropagatesNanCausally) {
     const Heads<T> reference =
         linear_attention_reference(q, k, v, EluPlusOne{}, NoPositionalEncoding{}, options);
     EXPECT_EQ(non_finite_rows(out), non_finite_rows(reference));
-    EXPECT_LE(test::finite_part_error(out.flat(), reference.flat()), 1e3 * test::Tolerance<T>::kernel);
+    EXPECT_LE(test::finite_part_error(out.flat(), reference.flat()),
+              1e3 * test::Tolerance<T>::kernel);
     for (Index r = 0; r < 40; ++r) {
       EXPECT_EQ(out.head(0).row(r).allFinite(), r < 17) << "chunk " << chunk << " row " << r;
       EXPECT_EQ(out.head(1).row(r).allFinite(), r < 25) << "chunk " << chunk << " row " << r;
@@ -331,19 +334,20 @@ TYPED_TEST(InputPolicy, PositionsOutsideTheRangeAreRejectedAtEveryEntryPoint) {
   const Alibi<T> alibi(2);
   const std::vector<Index> near_top{limit - 1, limit - 1};
   const std::vector<Index> near_bottom{-(limit - 1), -(limit - 1) + 1};
-  const Heads<T> top = attention(q, k, v, alibi,
-                                 {.mask = Mask::none(), .query_offset = limit - 2,
-                                  .key_positions = near_top});
+  const Heads<T> top = attention(
+      q, k, v, alibi, {.mask = Mask::none(), .query_offset = limit - 2, .key_positions = near_top});
   EXPECT_TRUE(top.flat().allFinite());
-  const Heads<T> bottom =
-      attention(q, k, v, alibi, {.mask = Mask::sliding_window(limit), .query_positions = near_bottom,
-                                 .key_positions = near_bottom});
+  const Heads<T> bottom = attention(q, k, v, alibi,
+                                    {.mask = Mask::sliding_window(limit),
+                                     .query_positions = near_bottom,
+                                     .key_positions = near_bottom});
   EXPECT_TRUE(bottom.flat().allFinite());
   const T5RelativeBias<T> t5 = T5RelativeBias<T>::random(2, 1.0, rng);
-  EXPECT_TRUE(attention(q, k, v, t5, {.mask = Mask::none(), .query_positions = near_bottom,
-                                      .key_positions = near_top})
-                  .flat()
-                  .allFinite());
+  EXPECT_TRUE(
+      attention(q, k, v, t5,
+                {.mask = Mask::none(), .query_positions = near_bottom, .key_positions = near_top})
+          .flat()
+          .allFinite());
   // Outside: rejected, naming the argument.
   POSENC_EXPECT_INVALID(attention(q, k, v, {.query_offset = limit - 1}), "posenc::attention",
                         "query_offset", "2^62");
@@ -356,19 +360,18 @@ TYPED_TEST(InputPolicy, PositionsOutsideTheRangeAreRejectedAtEveryEntryPoint) {
   POSENC_EXPECT_INVALID(Mask::blockwise_causal(int64_max - 1), "posenc::Mask::blockwise_causal");
   POSENC_EXPECT_INVALID(blockwise_causal_decoding_window(int64_max),
                         "posenc::blockwise_causal_decoding_window");
-  POSENC_EXPECT_INVALID(
-      linear_attention(q, k, v, EluPlusOne{}, NoPositionalEncoding{}, {.first_position = limit - 1}),
-      "posenc::linear_attention", "first_position");
+  POSENC_EXPECT_INVALID(linear_attention(q, k, v, EluPlusOne{}, NoPositionalEncoding{},
+                                         {.first_position = limit - 1}),
+                        "posenc::linear_attention", "first_position");
   // The KV cache: explicit positions, automatic positions past the top, reserve.
   KvCache<T> cache(2, 4);
   const std::vector<Index> last{limit - 1};
   cache.append(rows_of(k, 0, 1), rows_of(v, 0, 1), last);
   EXPECT_EQ(cache.next_position(), limit);
-  POSENC_EXPECT_INVALID(cache.append(rows_of(k, 1, 1), rows_of(v, 1, 1)),
-                        "posenc::KvCache::append", "next_position()");
+  POSENC_EXPECT_INVALID(cache.append(rows_of(k, 1, 1), rows_of(v, 1, 1)), "posenc::KvCache::append",
+                        "next_position()");
   const std::vector<Index> overflow{int64_max};
-  POSENC_EXPECT_INVALID(cache.append(rows_of(k, 1, 1), rows_of(v, 1, 1), overflow),
-                        "positions[0]");
+  POSENC_EXPECT_INVALID(cache.append(rows_of(k, 1, 1), rows_of(v, 1, 1), overflow), "positions[0]");
   POSENC_EXPECT_INVALID(cache.reserve(Index(1) << 62), "posenc::KvCache::reserve", "rows");
 }
 
@@ -428,11 +431,11 @@ TYPED_TEST(InputPolicy, KvCacheAttendsIntoATokensMajorViewOnTheCallingThread) {
   }
   // The same as one attention() call over the rows.
   const std::vector<Index> query_position{19};
-  EXPECT_LE(test::relative_error(
-                returned.flat(),
-                attention(q, k, v, RotaryEncoding<T>(8), {.query_positions = query_position})
-                    .flat()),
-            test::Tolerance<T>::kernel);
+  EXPECT_LE(
+      test::relative_error(
+          returned.flat(),
+          attention(q, k, v, RotaryEncoding<T>(8), {.query_positions = query_position}).flat()),
+      test::Tolerance<T>::kernel);
   POSENC_EXPECT_INVALID(cache.attend(q, HeadsView<T>::tokens_major(tokens_major.data(), 1, 4, 5)),
                         "posenc::KvCache::attend", "out has shape");
 }

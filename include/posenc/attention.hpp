@@ -24,7 +24,7 @@ namespace posenc {
 namespace detail {
 
 /// Throws unless row_max and row_sum of `partial` are [heads, rows] of its output.
-template <class Scalar, class Partial>
+template <class Partial>
 void require_partial_shape(const char* fn, const char* name, const Partial& partial) {
   const Index heads = partial.output.heads();
   const Index rows = partial.output.rows();
@@ -54,7 +54,7 @@ struct AttentionPartial {
   /// The attention output output / row_sum: zero for rows with no allowed key (row_sum 0), NaN
   /// where row_sum is NaN. Throws when row_max or row_sum is not [heads, rows].
   Heads<Scalar> normalized() const {
-    detail::require_partial_shape<Scalar>("posenc::AttentionPartial::normalized", "this", *this);
+    detail::require_partial_shape("posenc::AttentionPartial::normalized", "this", *this);
     Heads<Scalar> result(output.heads(), output.rows(), output.dim());
     for (Index h = 0; h < output.heads(); ++h) {
       for (Index r = 0; r < output.rows(); ++r) {
@@ -83,8 +83,8 @@ AttentionPartial<Scalar> merge_partials(const AttentionPartial<Scalar>& a,
                   fn, "outputs have shapes [", a.output.heads(), ", ", a.output.rows(), ", ",
                   a.output.dim(), "] and [", b.output.heads(), ", ", b.output.rows(), ", ",
                   b.output.dim(), "]");
-  detail::require_partial_shape<Scalar>(fn, "a", a);
-  detail::require_partial_shape<Scalar>(fn, "b", b);
+  detail::require_partial_shape(fn, "a", a);
+  detail::require_partial_shape(fn, "b", b);
   AttentionPartial<Scalar> merged{Heads<Scalar>(a.output.heads(), a.output.rows(), a.output.dim()),
                                   Matrix<Scalar>(a.row_max.rows(), a.row_max.cols()),
                                   Matrix<Scalar>(a.row_max.rows(), a.row_max.cols())};

@@ -107,15 +107,15 @@ inline void require_position_run(const char* fn, const char* name, Index first, 
           count, " rows beyond the supported position range (-2^62, 2^62)");
 }
 
-/// Checks the positions an AttentionOptions places N queries and M keys at.
-inline void require_option_positions(const char* fn, const AttentionOptions& options, Index queries,
-                                     Index keys) {
+/// Checks the positions an AttentionOptions places N queries at, and the explicit key positions
+/// (keys at 0 … M − 1 are always in range).
+inline void require_option_positions(const char* fn, const AttentionOptions& options,
+                                     Index queries) {
   if (options.query_positions.empty()) {
     require_position_run(fn, "query_offset", options.query_offset, queries);
   }
   require_positions(fn, "query_positions", options.query_positions);
   require_positions(fn, "key_positions", options.key_positions);
-  require_position_run(fn, "the key count", 0, keys);
 }
 
 /// The position rule. Query row r: query_positions[r] when given, else query_offset + r.

@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <utility>
 #include <optional>
 #include <span>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "posenc/attention.hpp"
@@ -75,7 +75,8 @@ struct KvAttendOptions {
 ///   the last position held plus one (0 for an empty cache).
 /// - attend(q[, options]): q is [H, N, D] (H a multiple of H_kv: grouped-query attention); query
 ///   positions default to those of the last N rows appended; the mask is the cache's (by
-///   default the encoder's natural mask, else causal). Equals one attention() call over the same rows (streaming kernel, same tolerance).
+///   default the encoder's natural mask, else causal). Equals one attention() call over the same
+///   rows (streaming kernel, same tolerance).
 /// - Encoders: with a CentreFreeKeyTransform whose keys_ignore_centre() is true the cache stores
 ///   transformed keys (each key is rotated once) and rotates only the queries at attend time;
 ///   every other encoder (biases, mixers, DAPE, XPos with tile centring, NoPE) gets raw keys and
@@ -159,8 +160,8 @@ class KvCache {
   /// Makes room for `rows` rows in total without further allocation.
   void reserve(Index rows) {
     detail::require(rows >= 0 && rows <= max_rows(), "posenc::KvCache::reserve",
-                    "rows must be in [0, ", max_rows(), "] (kv_heads × rows × width elements must be ",
-                    "addressable), got ", rows);
+                    "rows must be in [0, ", max_rows(),
+                    "] (kv_heads × rows × width elements must be ", "addressable), got ", rows);
     if (rows > capacity_ - start_) relocate(std::max(rows, capacity_));
   }
 
@@ -331,7 +332,6 @@ class KvCache {
         if constexpr (HasValidate<Encoder>) {
           encoder_.validate(AttentionShape{qv.heads(), kv_heads_, n, size_, dim_, value_dim_});
         }
-        detail::require_positions(fn, "query_positions", query_positions);
         detail::ScratchLease<TransformedQueries> lease;
         Vector<Scalar>& buffer = lease.get().values;
         detail::grow(buffer, qv.heads() * n * key_width_);
@@ -343,8 +343,7 @@ class KvCache {
                                      transformed.head(h));
         }
         attention_options.scale = detail::resolve_scale(encoder_, options.scale, key_width_);
-        attention(transformed, keys(), values(), NoPositionalEncoding{}, out,
-                  attention_options);
+        attention(transformed, keys(), values(), NoPositionalEncoding{}, out, attention_options);
         return;
       }
     }
@@ -384,8 +383,8 @@ class KvCache {
     const auto repeated = std::adjacent_find(keys.begin(), keys.end());
     if (repeated == keys.end()) return;
     const Index position = repeated->second;
-    const bool held = std::find(positions().begin(), positions().end(), position) !=
-                      positions().end();
+    const bool held =
+        std::find(positions().begin(), positions().end(), position) != positions().end();
     detail::throw_invalid_argument(
         fn, "position ", position, held ? " is already held" : " appears twice in this append",
         held_segments.empty() && new_segments.empty() ? "" : " (in the same document)",
@@ -446,8 +445,8 @@ class KvCache {
   Index held_max_ = std::numeric_limits<Index>::min();  // upper bound of the positions held
   int threads_ = 0;
   std::vector<Index> new_positions_;  // append's scratch
-  Vector<Scalar> keys_;    // [H_kv, capacity, key_width]
-  Vector<Scalar> values_;  // [H_kv, capacity, value_dim]
+  Vector<Scalar> keys_;               // [H_kv, capacity, key_width]
+  Vector<Scalar> values_;             // [H_kv, capacity, value_dim]
   std::vector<Index> positions_;
   std::vector<Index> segments_;  // empty, or capacity entries
 };

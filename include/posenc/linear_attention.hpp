@@ -65,9 +65,8 @@ class LinearAttentionState {
     const auto qv = detail::as_const_view(q);
     const auto kv = detail::as_const_view(k);
     const auto vv = detail::as_const_view(v);
-    const auto shape =
-        kernel::check_linear<Scalar>(fn, qv, kv, vv, map_, encoder_, true, threads, chunk_,
-                                     next_position_);
+    const auto shape = kernel::check_linear<Scalar>(fn, qv, kv, vv, map_, encoder_, true, threads,
+                                                    chunk_, next_position_);
     if (heads_.empty()) {
       shape_ = shape;
       heads_.resize(static_cast<std::size_t>(shape.heads));
@@ -155,9 +154,9 @@ void linear_attention(const Q& q, const K& k, const V& v, const Map& map, const 
   const auto qv = detail::as_const_view(q);
   const auto kv = detail::as_const_view(k);
   const auto vv = detail::as_const_view(v);
-  const auto shape = kernel::check_linear<Scalar>(fn, qv, kv, vv, map, encoder, options.causal,
-                                                  options.threads, options.chunk,
-                                                  options.first_position);
+  const auto shape =
+      kernel::check_linear<Scalar>(fn, qv, kv, vv, map, encoder, options.causal, options.threads,
+                                   options.chunk, options.first_position);
   detail::require(
       out.heads() == shape.heads && out.rows() == shape.rows && out.dim() == shape.value_dim, fn,
       "out has shape [", out.heads(), ", ", out.rows(), ", ", out.dim(), "] but must be [",
@@ -212,9 +211,9 @@ Heads<heads_scalar_t<Q>> linear_attention_reference(const Q& q, const K& k, cons
   const auto qv = detail::as_const_view(q);
   const auto kv = detail::as_const_view(k);
   const auto vv = detail::as_const_view(v);
-  const auto shape = kernel::check_linear<Scalar>("posenc::linear_attention_reference", qv, kv, vv,
-                                                  map, encoder, options.causal, 1, 1,
-                                                  options.first_position);
+  const auto shape =
+      kernel::check_linear<Scalar>("posenc::linear_attention_reference", qv, kv, vv, map, encoder,
+                                   options.causal, 1, 1, options.first_position);
   Heads<Scalar> out(shape.heads, shape.rows, shape.value_dim);
   const Index N = shape.rows;
   const Index M = shape.keys;

@@ -217,8 +217,7 @@ LinearShape check_linear(const char* fn, const HeadsView<const Scalar>& q,
                          const Map& map, const Encoder& encoder, bool causal, int threads,
                          Index chunk, Index first_position) {
   detail::check_qkv_shapes(fn, q, k, v);
-  detail::require_position_run(fn, "first_position", first_position,
-                               std::max(q.rows(), k.rows()));
+  detail::require_position_run(fn, "first_position", first_position, std::max(q.rows(), k.rows()));
   detail::require(!causal || q.rows() == k.rows(), fn,
                   "causal linear attention needs as many keys as queries (the same tokens), got ",
                   q.rows(), " queries and ", k.rows(),

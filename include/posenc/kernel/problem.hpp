@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <utility>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "posenc/attention_options.hpp"
@@ -75,7 +75,7 @@ AttentionProblem<Scalar> make_problem(const char* fn, HeadsView<const Scalar> q,
                   "query_segments has ", query_ids, " entries but q has ", q.rows(), " rows");
   detail::require(key_ids == 0 || static_cast<Index>(key_ids) == k.rows(), fn, "key_segments has ",
                   key_ids, " entries but k has ", k.rows(), " rows");
-  detail::require_option_positions(fn, options, q.rows(), k.rows());
+  detail::require_option_positions(fn, options, q.rows());
   detail::require(options.query_block >= 1 && options.key_block >= 1, fn,
                   "query_block and key_block must be >= 1, got ", options.query_block, " and ",
                   options.key_block);
@@ -171,7 +171,8 @@ void require_output_shape(const char* fn, const HeadsView<Scalar>& out,
   // out is written while q, k and v are still read: it may share no memory with them (checked
   // on address ranges, so interleaved non-overlapping layouts in one buffer are refused too).
   const auto [out_first, out_last] = address_range(out);
-  const std::pair<const char*, HeadsView<const Scalar>> inputs[] = {{"q", p.q}, {"k", p.k}, {"v", p.v}};
+  const std::pair<const char*, HeadsView<const Scalar>> inputs[] = {
+      {"q", p.q}, {"k", p.k}, {"v", p.v}};
   for (const auto& [name, input] : inputs) {
     const auto [first, last] = address_range(input);
     detail::require(out_first == nullptr || first == nullptr ||
