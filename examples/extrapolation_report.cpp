@@ -228,9 +228,9 @@ std::vector<Measure> measure(const Entry<Encoder>& entry, const Inputs& in, cons
 
   const auto scores = posenc::attention_scores(q, k, encoder, options);
   const auto weights = posenc::attention_weights(q, k, v, encoder, options);
-  const posenc::Vector<double> resolution = posenc::empirical_attention_resolution(scores, options);
-  const auto erf = posenc::empirical_receptive_field(weights, s.eps, options);
-  const auto stats = posenc::attention_statistics(weights, s.train, options);
+  const posenc::Vector<double> resolution = posenc::empirical_attention_resolution(scores);
+  const auto erf = posenc::empirical_receptive_field(weights, s.eps);
+  const auto stats = posenc::attention_statistics(weights, s.train);
   const auto full = posenc::attention(q, k, v, encoder, options);
   const auto trained = posenc::attention(q, k, v, encoder, window);
   const auto first = posenc::attention(in.q.view().middle_rows(0, s.train), k, v, encoder);

@@ -22,8 +22,8 @@ TEST(MaskTest, Semantics) {
   EXPECT_FALSE(Mask::sliding_window(1).allows(4, 3));
 }
 
-// The XPos paper's blockwise causal attention, w = 4, T = 7 (../shared/reference,
-// xpos_bca_resolution_trf.md §2): rows are queries, x = allowed.
+// The XPos paper's blockwise causal attention, w = 4, T = 7
+// (docs/reference/xpos_bca_resolution_trf.md §2): rows are queries, x = allowed.
 TEST(MaskTest, BlockwiseCausalMatchesThePaperPattern) {
   const char* expected[] = {"x......", "xx.....", "xxx....", "xxxx...",
                             "..xxx..", "..xxxx.", "....xxx"};

@@ -7,9 +7,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
+#include <utility>
 #include <vector>
 
+#include "posenc/attention_map.hpp"
 #include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/encoding.hpp"
@@ -35,6 +38,16 @@ void require_partial_shape(const char* fn, const char* name, const Partial& part
           "] and [", partial.row_sum.rows(), ", ", partial.row_sum.cols(), "]");
 }
 
+/// A zero AttentionMap over the positions and mask of problem `p`.
+template <class Scalar>
+AttentionMap<Scalar> empty_attention_map(const kernel::AttentionProblem<Scalar>& p) {
+  std::vector<Index> queries(static_cast<std::size_t>(p.queries));
+  std::vector<Index> keys(static_cast<std::size_t>(p.keys));
+  for (Index r = 0; r < p.queries; ++r) queries[static_cast<std::size_t>(r)] = p.query_position(r);
+  for (Index c = 0; c < p.keys; ++c) keys[static_cast<std::size_t>(c)] = p.key_position(c);
+  return AttentionMap<Scalar>(p.heads, std::move(queries), std::move(keys), p.mask);
+}
+
 }  // namespace detail
 
 /// Attention over a subset of the keys, before normalisation, so that pieces computed
@@ -43,8 +56,10 @@ void require_partial_shape(const char* fn, const char* name, const Partial& part
 ///   row_max = max_j s_ij, row_sum = Σ_j exp(s_ij − row_max), output = Σ_j exp(s_ij − row_max)·v_j.
 /// A row with no allowed key in the subset: row_max = −inf, row_sum = 0, output 0. Non-finite
 /// scores give what the formulas give in IEEE arithmetic (README, "Non-finite values"): a NaN
-/// score gives row_max = NaN; allowed keys that all score −inf give row_max = −inf and
-/// row_sum = NaN (exp(−inf − (−inf))); row_sum and output are then NaN.
+/// score gives row_max = NaN, row_sum and output NaN; allowed keys that all score −inf give
+/// row_max = −inf, row_sum = NaN (exp(−inf − (−inf))) and output Σ_j 0·v_j (NaN exactly in the
+/// columns where such a key has a non-finite value), so that a merge with a side holding finite
+/// scores still carries 0·Inf = NaN into those columns, as one pass gives.
 template <class Scalar>
 struct AttentionPartial {
   Heads<Scalar> output;    // [H, N, Dv], unnormalised
@@ -121,6 +136,9 @@ AttentionPartial<Scalar> merge_partials(const AttentionPartial<Scalar>& a,
         const Scalar w = std::exp(m_lo - m);
         merged.row_sum(h, r) += w * lo.row_sum(h, r);
         out += w * lo.output.head(h).row(r);
+      } else {
+        // Weight 0: nothing, except 0 · v of keys with a non-finite value (NaN in those columns).
+        out += Scalar(0) * lo.output.head(h).row(r);
       }
     }
   }
@@ -145,6 +163,29 @@ void attention(const Q& q, const K& k, const V& v, const Encoder& encoder,
                                    detail::as_const_view(v), encoder, options);
   kernel::require_output_shape(fn, out, p);
   kernel::stream(p, encoder, kernel::ResultSink<Scalar>{out});
+}
+
+/// Streaming attention into `out` ([H, N, Dv]) that also writes the row log-sum-exp of the final
+/// logits (after scale, every stage and the mask) into `lse` ([H, N]): lse = log Σ_j exp(s_ij)
+/// over the allowed keys, −inf for a row with no allowed key. What attention_backward needs; no
+/// extra pass over the keys.
+template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder>
+void attention(const Q& q, const K& k, const V& v, const Encoder& encoder,
+               HeadsView<heads_scalar_t<Q>> out, Eigen::Ref<Matrix<heads_scalar_t<Q>>> lse,
+               const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  detail::check_qkv_scalars<Q, K, V>();
+  constexpr const char* fn = "posenc::attention";
+  const auto p =
+      kernel::make_problem<Scalar>(fn, detail::as_const_view(q), detail::as_const_view(k),
+                                   detail::as_const_view(v), encoder, options);
+  kernel::require_output_shape(fn, out, p);
+  detail::require(lse.rows() == p.heads && lse.cols() == p.queries, fn, "lse has shape [",
+                  lse.rows(), ", ", lse.cols(), "] but must be [", p.heads, ", ", p.queries, "]");
+  kernel::ResultSink<Scalar> sink{out};
+  sink.lse = lse.data();
+  sink.lse_stride = lse.outerStride();
+  kernel::stream(p, encoder, sink);
 }
 
 /// Streaming attention; returns [H, N, Dv].
@@ -208,40 +249,45 @@ Heads<heads_scalar_t<Q>> attention_reference(const Q& q, const K& k, const V& v,
 }
 
 /// Attention probabilities [H, N, M] (rows sum to 1, or are zero when nothing is allowed), for
-/// analysis and plots. Materialises N × M per head.
+/// analysis and plots, as an AttentionMap that carries the query and key positions and the mask of
+/// the call (attention_statistics and empirical_receptive_field read them). Materialises N × M
+/// per head.
 template <HeadsLike Q, HeadsLike K, HeadsLike V, AttentionEncoder Encoder = NoPositionalEncoding>
-Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
-                                           const Encoder& encoder = {},
-                                           const AttentionOptions& options = {}) {
+AttentionMap<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
+                                                  const Encoder& encoder = {},
+                                                  const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
   detail::check_qkv_scalars<Q, K, V>();
   const auto p = kernel::make_problem<Scalar>("posenc::attention_weights", detail::as_const_view(q),
                                               detail::as_const_view(k), detail::as_const_view(v),
                                               encoder, options);
   const std::vector<Matrix<Scalar>> weights = kernel::reference_weights(p, encoder);
-  Heads<Scalar> out(p.heads, p.queries, p.keys);
+  AttentionMap<Scalar> out = detail::empty_attention_map(p);
   for (Index h = 0; h < p.heads; ++h) out.head(h) = weights[static_cast<std::size_t>(h)];
   return out;
 }
 
 template <HeadsLike Q, HeadsLike K, HeadsLike V>
-Heads<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
-                                           const AttentionOptions& options) {
+AttentionMap<heads_scalar_t<Q>> attention_weights(const Q& q, const K& k, const V& v,
+                                                  const AttentionOptions& options) {
   return attention_weights(q, k, v, NoPositionalEncoding{}, options);
 }
 
 /// Pre-softmax scores [H, N, M] (every stage applied, forbidden keys −inf): the scores whose
-/// row softmax is attention_weights. For analysis (empirical score curves). Materialises N × M.
+/// row softmax is attention_weights, as an AttentionMap with the positions and mask of the call
+/// (empirical_attention_resolution reads them). For analysis (empirical score curves).
+/// Materialises N × M.
 template <HeadsLike Q, HeadsLike K, AttentionEncoder Encoder = NoPositionalEncoding>
-Heads<heads_scalar_t<Q>> attention_scores(const Q& q, const K& k, const Encoder& encoder = {},
-                                          const AttentionOptions& options = {}) {
+AttentionMap<heads_scalar_t<Q>> attention_scores(const Q& q, const K& k,
+                                                 const Encoder& encoder = {},
+                                                 const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
   detail::check_qkv_scalars<Q, K, K>();
   const auto kv = detail::as_const_view(k);
   const auto p = kernel::make_problem<Scalar>("posenc::attention_scores", detail::as_const_view(q),
                                               kv, kv, encoder, options);
   const std::vector<Matrix<Scalar>> scores = kernel::reference_scores(p, encoder);
-  Heads<Scalar> out(p.heads, p.queries, p.keys);
+  AttentionMap<Scalar> out = detail::empty_attention_map(p);
   for (Index h = 0; h < p.heads; ++h) out.head(h) = scores[static_cast<std::size_t>(h)];
   return out;
 }

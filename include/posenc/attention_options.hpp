@@ -137,6 +137,7 @@ struct ResolvedPositions {
 /// score tensor). Throws when explicit positions have another size.
 inline ResolvedPositions resolve_positions(const char* fn, const AttentionOptions& options,
                                            Index rows, Index cols) {
+  require_option_positions(fn, options, rows);
   require(
       options.query_positions.empty() || static_cast<Index>(options.query_positions.size()) == rows,
       fn, "options.query_positions has ", options.query_positions.size(), " entries but there are ",

@@ -63,6 +63,16 @@ class Composed {
   static constexpr bool mixes = (stages & static_cast<unsigned>(Stage::score_mixer)) != 0;
   static constexpr bool absolute = (stages & static_cast<unsigned>(Stage::absolute)) != 0;
   static constexpr bool has_heads = detail::HasHeads<A> || detail::HasHeads<B>;
+  // Whether every part's transform / relative stage has its backward form.
+  static constexpr bool transforms_differentiable =
+      (!QueryKeyTransform<A> || DifferentiableTransform<A>)&&(!QueryKeyTransform<B> ||
+                                                              DifferentiableTransform<B>);
+  static constexpr bool relative_differentiable =
+      (!RelativeKeyValue<A> || DifferentiableRelativeKeyValue<A>)&&(
+          !RelativeKeyValue<B> || DifferentiableRelativeKeyValue<B>);
+  // With a learnable part anywhere, the backward forms take the composed gradient (each part gets
+  // its own member; a part without parameters ignores its NoGradient).
+  static constexpr bool learnable = HasLearnableParameters<A> || HasLearnableParameters<B>;
 
  public:
   using Scalar = typename detail::composed_scalar<A, B>::type;
@@ -169,6 +179,99 @@ class Composed {
     if constexpr (AbsoluteEncoding<B>) second_.add_to(x, first_position);
   }
 
+  // --- Gradients (attention_backward) -------------------------------------------------------
+  // The gradient of a composition holds the parts' gradients (NoGradient for a part without
+  // learnable parameters); each backward form forwards to the parts that model the stage, as the
+  // forward does, and a chained transform back-propagates through B, then A.
+
+  struct Gradient {
+    encoder_gradient_t<A> first;
+    encoder_gradient_t<B> second;
+    Gradient& operator+=(const Gradient& other) {
+      first += other.first;
+      second += other.second;
+      return *this;
+    }
+  };
+
+  Gradient zero_gradient() const requires learnable { return {zero_of(first_), zero_of(second_)}; }
+
+  void accumulate_bias_gradient(Index head, Positions query_positions, Positions key_positions,
+                                ConstTileRef<Scalar> dbias, Gradient& gradient) const
+      requires(biases&& learnable) {
+    if constexpr (LearnableScoreBias<A>) {
+      first_.accumulate_bias_gradient(head, query_positions, key_positions, dbias, gradient.first);
+    }
+    if constexpr (LearnableScoreBias<B>) {
+      second_.accumulate_bias_gradient(head, query_positions, key_positions, dbias,
+                                       gradient.second);
+    }
+  }
+
+  void transform_queries_backward(Index head, Positions positions, Index centre,
+                                  ConstTileRef<Scalar> in, ConstTileRef<Scalar> dout,
+                                  TileRef<Scalar> din) const
+      requires(transforms&& transforms_differentiable && !learnable) {
+    NoGradient none;
+    transform_backward(head, positions, centre, in, dout, din, true, none, none);
+  }
+  void transform_keys_backward(Index head, Positions positions, Index centre,
+                               ConstTileRef<Scalar> in, ConstTileRef<Scalar> dout,
+                               TileRef<Scalar> din) const
+      requires(transforms&& transforms_differentiable && !learnable) {
+    NoGradient none;
+    transform_backward(head, positions, centre, in, dout, din, false, none, none);
+  }
+  void transform_queries_backward(Index head, Positions positions, Index centre,
+                                  ConstTileRef<Scalar> in, ConstTileRef<Scalar> dout,
+                                  TileRef<Scalar> din, Gradient& gradient) const
+      requires(transforms&& transforms_differentiable&& learnable) {
+    transform_backward(head, positions, centre, in, dout, din, true, gradient.first,
+                       gradient.second);
+  }
+  void transform_keys_backward(Index head, Positions positions, Index centre,
+                               ConstTileRef<Scalar> in, ConstTileRef<Scalar> dout,
+                               TileRef<Scalar> din, Gradient& gradient) const
+      requires(transforms&& transforms_differentiable&& learnable) {
+    transform_backward(head, positions, centre, in, dout, din, false, gradient.first,
+                       gradient.second);
+  }
+
+  void add_relative_value_scores(Index head, Positions query_positions, Positions key_positions,
+                                 ConstTileRef<Scalar> dout, TileRef<Scalar> dscores) const
+      requires(relative&& relative_differentiable) {
+    if constexpr (RelativeKeyValue<A>) {
+      first_.add_relative_value_scores(head, query_positions, key_positions, dout, dscores);
+    }
+    if constexpr (RelativeKeyValue<B>) {
+      second_.add_relative_value_scores(head, query_positions, key_positions, dout, dscores);
+    }
+  }
+  void add_relative_query_gradient(Index head, Positions query_positions, Positions key_positions,
+                                   ConstTileRef<Scalar> dscores, TileRef<Scalar> dqueries) const
+      requires(relative&& relative_differentiable) {
+    if constexpr (RelativeKeyValue<A>) {
+      first_.add_relative_query_gradient(head, query_positions, key_positions, dscores, dqueries);
+    }
+    if constexpr (RelativeKeyValue<B>) {
+      second_.add_relative_query_gradient(head, query_positions, key_positions, dscores, dqueries);
+    }
+  }
+  void accumulate_relative_gradient(Index head, Positions query_positions, Positions key_positions,
+                                    ConstTileRef<Scalar> scaled_queries,
+                                    ConstTileRef<Scalar> dscores, ConstTileRef<Scalar> weights,
+                                    ConstTileRef<Scalar> dout, Gradient& gradient) const
+      requires(relative&& relative_differentiable) {
+    if constexpr (RelativeKeyValue<A>) {
+      first_.accumulate_relative_gradient(head, query_positions, key_positions, scaled_queries,
+                                          dscores, weights, dout, gradient.first);
+    }
+    if constexpr (RelativeKeyValue<B>) {
+      second_.accumulate_relative_gradient(head, query_positions, key_positions, scaled_queries,
+                                           dscores, weights, dout, gradient.second);
+    }
+  }
+
   // --- natural scale and mask (optional hooks of either part) ---------------------------------
 
   /// The part's natural scale (both parts declaring one must agree: checked on construction).
@@ -225,6 +328,60 @@ class Composed {
       return first_;
     } else {
       return second_;
+    }
+  }
+
+  template <class E>
+  static encoder_gradient_t<E> zero_of(const E& e) {
+    if constexpr (HasLearnableParameters<E>) {
+      return e.zero_gradient();
+    } else {
+      (void)e;
+      return {};
+    }
+  }
+
+  /// din = T_Eᵀ(dout) for part e (and its parameter share when it has learnable parameters).
+  template <class E, class G>
+  static void transform_backward_one(const E& e, Index head, Positions positions, Index centre,
+                                     ConstTileRef<Scalar> in, ConstTileRef<Scalar> dout,
+                                     TileRef<Scalar> din, bool queries, G& gradient) {
+    if constexpr (LearnableTransform<E>) {
+      if (queries) {
+        e.transform_queries_backward(head, positions, centre, in, dout, din, gradient);
+      } else {
+        e.transform_keys_backward(head, positions, centre, in, dout, din, gradient);
+      }
+    } else {
+      (void)gradient;
+      if (queries) {
+        e.transform_queries_backward(head, positions, centre, in, dout, din);
+      } else {
+        e.transform_keys_backward(head, positions, centre, in, dout, din);
+      }
+    }
+  }
+
+  /// Backward of transform(): B's backward at A's output, then A's.
+  template <class GA, class GB>
+  void transform_backward(Index head, Positions positions, Index centre, ConstTileRef<Scalar> in,
+                          ConstTileRef<Scalar> dout, TileRef<Scalar> din, bool queries,
+                          GA& gradient_a, GB& gradient_b) const {
+    if constexpr (QueryKeyTransform<A> && QueryKeyTransform<B>) {
+      const Index middle = first_width(in.cols());
+      Matrix<Scalar> between(in.rows(), middle);
+      transform_one(first_, head, positions, centre, in, between, queries);
+      Matrix<Scalar> dbetween(in.rows(), middle);
+      transform_backward_one(second_, head, positions, centre, between, dout, dbetween, queries,
+                             gradient_b);
+      transform_backward_one(first_, head, positions, centre, in, dbetween, din, queries,
+                             gradient_a);
+    } else if constexpr (QueryKeyTransform<A>) {
+      (void)gradient_b;
+      transform_backward_one(first_, head, positions, centre, in, dout, din, queries, gradient_a);
+    } else {
+      (void)gradient_a;
+      transform_backward_one(second_, head, positions, centre, in, dout, din, queries, gradient_b);
     }
   }
 

@@ -159,7 +159,8 @@ concept DeclaresCentreFreeKeys = QueryKeyTransform<E> && requires(const E& e) {
 // The stage set: what every consumer asks.
 // ---------------------------------------------------------------------------------------------
 
-/// The stages of DESIGN.md §1, as bits of a set.
+/// The five stages of the concepts above (README, "How an encoder reaches attention"), as bits of
+/// a set.
 enum class Stage : unsigned {
   absolute = 1u << 0,             // AbsoluteEncoding
   query_key_transform = 1u << 1,  // QueryKeyTransform
@@ -219,6 +220,110 @@ struct RequireOnlyStages {
                 "posenc: the encoder models AbsoluteEncoding (added to the embeddings before the "
                 "projections), a stage this consumer cannot apply");
 };
+
+// ---------------------------------------------------------------------------------------------
+// Gradients (training). An encoder with learnable parameters declares a gradient type with the
+// layout of its parameters, and for each stage it models, the backward form next to the forward.
+// The backward kernel (attention_backward) calls exactly the backward forms of the stages the
+// encoder models, as the forward calls the stages.
+// ---------------------------------------------------------------------------------------------
+
+/// Learnable parameters: `typename E::Gradient`, a plain struct with one member per learnable
+/// parameter, named and shaped like the parameter (so an optimiser walks both side by side);
+/// `e.zero_gradient()` returns one filled with zeros; `g += other` sums two (the kernel keeps one
+/// accumulator per thread and sums them in thread order at the end).
+template <class E>
+concept HasLearnableParameters = requires(const E& e, typename E::Gradient& g,
+                                          const typename E::Gradient& other) {
+  { e.zero_gradient() } -> std::same_as<typename E::Gradient>;
+  g += other;
+};
+
+/// The backward form of a ScoreBias with learnable parameters:
+/// `accumulate_bias_gradient(head, query_positions, key_positions, dbias, gradient)` adds
+/// Σ_{r,c} dbias(r, c) · ∂B_h(query_positions[r], key_positions[c]) / ∂θ to the member of
+/// `gradient` for every parameter θ. `dbias` is ∂L/∂B over the tile: ∂L/∂logits, zero where the
+/// mask forbids a key. A bias without learnable parameters (ALiBi) needs no backward form: the
+/// kernel propagates ∂L/∂logits to q and k itself.
+template <class E>
+concept LearnableScoreBias = ScoreBias<E> && HasLearnableParameters<E> &&
+    requires(const E& e, Index head, Positions query_positions, Positions key_positions,
+             ConstTileRef<typename E::Scalar> dbias, typename E::Gradient& gradient) {
+  e.accumulate_bias_gradient(head, query_positions, key_positions, dbias, gradient);
+};
+
+/// The backward form of a QueryKeyTransform: `transform_queries_backward(head, positions, centre,
+/// in, dout, din)` writes din = J(in)ᵀ·dout row by row, the gradient with respect to the rows
+/// `in` that transform_queries(head, positions, centre, in, out) maps to out, given dout =
+/// ∂L/∂out (din has in's width, dout the transformed width); likewise transform_keys_backward.
+/// A transform with learnable parameters also has overloads taking a trailing `gradient` to
+/// which it adds the parameters' share.
+template <class E>
+concept DifferentiableTransform = QueryKeyTransform<E> &&
+    requires(const E& e, Index head, Positions positions, Index centre,
+             ConstTileRef<typename E::Scalar> in, ConstTileRef<typename E::Scalar> dout,
+             TileRef<typename E::Scalar> din) {
+  e.transform_queries_backward(head, positions, centre, in, dout, din);
+  e.transform_keys_backward(head, positions, centre, in, dout, din);
+};
+
+/// A DifferentiableTransform with learnable parameters (SPE's filters and gate):
+/// `transform_queries_backward(head, positions, centre, in, dout, din, gradient)` writes din as
+/// above and adds Σ_rows dout·∂out/∂θ to `gradient` for every parameter θ; likewise for keys.
+/// The kernel calls these overloads (and only these) when the encoder has learnable parameters.
+template <class E>
+concept LearnableTransform = DifferentiableTransform<E> && HasLearnableParameters<E> &&
+    requires(const E& e, Index head, Positions positions, Index centre,
+             ConstTileRef<typename E::Scalar> in, ConstTileRef<typename E::Scalar> dout,
+             TileRef<typename E::Scalar> din, typename E::Gradient& gradient) {
+  e.transform_queries_backward(head, positions, centre, in, dout, din, gradient);
+  e.transform_keys_backward(head, positions, centre, in, dout, din, gradient);
+};
+
+/// The backward form of a RelativeKeyValue stage (Shaw), for a tile with dout = ∂L/∂out rows and
+/// dscores = ∂L/∂logits:
+///   add_relative_value_scores(head, qpos, kpos, dout, dscores): dscores(r, c) += dout_r·a^V(c, r),
+///     the output term's share of ∂L/∂p;
+///   add_relative_query_gradient(head, qpos, kpos, dscores, dqueries): dqueries_r +=
+///     Σ_c dscores(r, c)·a^K(c, r), the logit term's share of ∂L/∂(scaled queries);
+///   accumulate_relative_gradient(head, qpos, kpos, scaled_queries, dscores, weights, dout,
+///     gradient): the tables' gradients.
+template <class E>
+concept DifferentiableRelativeKeyValue = RelativeKeyValue<E> && HasLearnableParameters<E> &&
+    requires(const E& e, Index head, Positions query_positions, Positions key_positions,
+             ConstTileRef<typename E::Scalar> in, TileRef<typename E::Scalar> out,
+             typename E::Gradient& gradient) {
+  e.add_relative_value_scores(head, query_positions, key_positions, in, out);
+  e.add_relative_query_gradient(head, query_positions, key_positions, in, out);
+  e.accumulate_relative_gradient(head, query_positions, key_positions, in, in, in, in, gradient);
+};
+
+/// The backward form of an AbsoluteEncoding with learnable parameters (a learned table):
+/// `accumulate_gradient(dx, first_position, gradient)` adds the parameters' share of ∂L/∂x for
+/// rows added by add_to(x, first_position) (∂L/∂x itself passes through the addition unchanged).
+template <class E>
+concept LearnableAbsoluteEncoding = AbsoluteEncoding<E> && HasLearnableParameters<E> &&
+    requires(const E& e, ConstTileRef<typename E::Scalar> dx, Index first_position,
+             typename E::Gradient& gradient) {
+  e.accumulate_gradient(dx, first_position, gradient);
+};
+
+/// The gradient of an encoder without learnable parameters: empty.
+struct NoGradient {
+  NoGradient& operator+=(const NoGradient&) { return *this; }
+};
+
+/// E::Gradient for an encoder with learnable parameters, else NoGradient.
+template <class E>
+struct encoder_gradient {
+  using type = NoGradient;
+};
+template <HasLearnableParameters E>
+struct encoder_gradient<E> {
+  using type = typename E::Gradient;
+};
+template <class E>
+using encoder_gradient_t = typename encoder_gradient<E>::type;
 
 namespace detail {
 
@@ -285,6 +390,30 @@ concept StabilizedFeatureMap = FeatureMap<M, Scalar> &&
 template <class M>
 concept ValidatedFeatureMap = requires(const M& m, const char* fn, Index width, bool transformed) {
   m.validate(fn, width, transformed);
+};
+
+/// The backward hook of a feature map (linear_attention_backward needs it):
+/// `features_backward(x, dfeatures, dx)` writes dx = J_φ(x)ᵀ·dfeatures row by row, the gradient
+/// with respect to the rows x (rows × D) given dfeatures = ∂L/∂φ(x) (rows × F); dx is sized
+/// rows × D by the caller and aliases neither argument.
+template <class M, class Scalar>
+concept DifferentiableFeatureMap = FeatureMap<M, Scalar> &&
+    requires(const M& m, const Matrix<Scalar>& x, const Matrix<Scalar>& dfeatures,
+             Matrix<Scalar>& dx) {
+  m.features_backward(x, dfeatures, dx);
+};
+
+/// The backward hooks of a StabilizedFeatureMap, one per forward hook:
+/// `query_features_backward(x, dfeatures, dx)` is the backward of query_features (its own row
+/// maximum included), `key_exponentials_backward(x, dexponentials, drow_max, dx)` that of
+/// key_exponentials given the gradients of both its outputs. Linear attention differentiates
+/// what it assembles itself (ratio, stabilizer, the shared stabiliser c and the key it comes from).
+template <class M, class Scalar>
+concept DifferentiableStabilizedFeatureMap = StabilizedFeatureMap<M, Scalar> &&
+    requires(const M& m, const Matrix<Scalar>& x, const Matrix<Scalar>& dfeatures,
+             const Vector<Scalar>& drow_max, Matrix<Scalar>& dx) {
+  m.query_features_backward(x, dfeatures, dx);
+  m.key_exponentials_backward(x, dfeatures, drow_max, dx);
 };
 
 }  // namespace posenc

@@ -32,6 +32,14 @@ struct EluPlusOne {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
     out = (x.array().max(Scalar(0)) + x.array().min(Scalar(0)).exp()).matrix();
   }
+
+  /// The DifferentiableFeatureMap hook: dx = dfeatures ∘ φ'(x), φ'(x) = exp(min(x, 0)) (1 for
+  /// x > 0, eˣ otherwise; both sides give 1 at 0).
+  template <class In, class DF, class Out>
+  void features_backward(const In& x, const DF& dfeatures, Out&& dx) const {
+    using Scalar = typename std::remove_cvref_t<Out>::Scalar;
+    dx = (dfeatures.array() * x.array().min(Scalar(0)).exp()).matrix();
+  }
 };
 
 /// φ(x) = max(x, 0) + epsilon elementwise; F = D. The Long Range Arena "linear_transformer_relu"
@@ -45,6 +53,14 @@ struct ReluPlusEpsilon {
   void features(const In& x, Out&& out) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
     out = (x.array().max(Scalar(0)) + static_cast<Scalar>(epsilon)).matrix();
+  }
+
+  /// The DifferentiableFeatureMap hook: dx = dfeatures where x > 0, else 0 (the kink at 0 takes
+  /// the left derivative, as torch's relu does).
+  template <class In, class DF, class Out>
+  void features_backward(const In& x, const DF& dfeatures, Out&& dx) const {
+    using Scalar = typename std::remove_cvref_t<Out>::Scalar;
+    dx = (x.array() > Scalar(0)).select(dfeatures.array(), Scalar(0)).matrix();
   }
 
   /// The ValidatedFeatureMap hook: epsilon must be finite and >= 0.
@@ -156,6 +172,35 @@ class Favor {
     }
   }
 
+  // The backward hooks (DifferentiableFeatureMap, DifferentiableStabilizedFeatureMap). With
+  // u = ω·x' (x' = sqrt(τ)·x), s = |x'|²/2 and m = maxᵢ uᵢ (first index on ties), each
+  // differentiates exactly what its forward computes, the maximum included: it cancels in
+  // attention only when the stabilizer ε is 0.
+
+  /// The backward of `features` (= query_features).
+  template <class In, class DF, class Out>
+  void features_backward(const In& x, const DF& dfeatures, Out&& dx) const {
+    query_features_backward(x, dfeatures, dx);
+  }
+
+  /// The backward of query_features, φ(x)ᵢ = ratio·(exp(uᵢ − s − m) + ε): with
+  /// tᵢ = dfeaturesᵢ·ratio·exp(uᵢ − s − m), du = t − (Σt)·e_argmax and dx = sqrt(τ)·ωᵀdu − (Σt)·τx.
+  template <class In, class DF, class Out>
+  void query_features_backward(const In& x, const DF& dfeatures, Out&& dx) const {
+    exponentials_backward(
+        x, dfeatures, ratio(), [](Index) { return Scalar(0); }, dx);
+  }
+
+  /// The backward of key_exponentials (out Eᵢ = exp(uᵢ − s − m), row_max m), given dexponentials
+  /// = ∂L/∂E and drow_max = ∂L/∂m: with tᵢ = dexponentialsᵢ·Eᵢ,
+  /// du = t + (drow_max − Σt)·e_argmax and dx = sqrt(τ)·ωᵀdu − (Σt)·τx.
+  template <class In, class DE, class DM, class Out>
+  void key_exponentials_backward(const In& x, const DE& dexponentials, const DM& drow_max,
+                                 Out&& dx) const {
+    exponentials_backward(
+        x, dexponentials, Scalar(1), [&](Index r) { return drow_max[r]; }, dx);
+  }
+
  private:
   static Matrix<Scalar> draw_projection(Index dim, Index features, std::uint64_t seed,
                                         bool orthogonal) {
@@ -194,6 +239,27 @@ class Favor {
     return omega.cast<Scalar>();
   }
 
+  /// The shared backward of both exponential forms: t = dexp·factor·exp(u − s − m) row by row,
+  /// du = t + (dmax(r) − Σt)·e_argmax, dx = du·(sqrt(τ)·ω) − (Σt)·τ·x.
+  template <class In, class DE, class DMax, class Out>
+  void exponentials_backward(const In& x, const DE& dexp, Scalar factor, DMax&& dmax,
+                             Out&& dx) const {
+    const Scalar tau = static_cast<Scalar>(temperature_);
+    const Scalar half_tau = tau / Scalar(2);
+    Matrix<Scalar> du = x * scaled_projection_t_;  // u, then t, then du
+    Vector<Scalar> total(x.rows());
+    for (Index r = 0; r < du.rows(); ++r) {
+      Index arg = 0;
+      const Scalar m = du.row(r).maxCoeff(&arg);
+      du.row(r) = factor * dexp.row(r).array() *
+                  (du.row(r).array() - (m + half_tau * x.row(r).squaredNorm())).exp();
+      total[r] = du.row(r).sum();
+      du(r, arg) += dmax(r) - total[r];
+    }
+    dx.noalias() = du * scaled_projection_t_.transpose();
+    for (Index r = 0; r < dx.rows(); ++r) dx.row(r) -= (tau * total[r]) * x.row(r);
+  }
+
   Matrix<Scalar> projection_;
   Matrix<Scalar> scaled_projection_t_;  // sqrt(τ)·ωᵀ, [D, F]
   FavorOptions options_;
@@ -202,5 +268,8 @@ class Favor {
 
 static_assert(FeatureMap<EluPlusOne, float> && FeatureMap<ReluPlusEpsilon, double>);
 static_assert(StabilizedFeatureMap<Favor<float>, float> && ValidatedFeatureMap<Favor<float>>);
+static_assert(DifferentiableFeatureMap<EluPlusOne, double> &&
+              DifferentiableFeatureMap<ReluPlusEpsilon, float> &&
+              DifferentiableStabilizedFeatureMap<Favor<double>, double>);
 
 }  // namespace posenc

@@ -39,7 +39,9 @@ struct KvCacheOptions {
   /// see, so its size stays bounded; positions must then increase from one append to the next.
   /// Unset: the encoder's natural_mask() when it declares one, else causal.
   std::optional<Mask> mask = std::nullopt;
-  /// Rows reserved up front (the cache grows geometrically past it).
+  /// Rows reserved up front (the cache grows geometrically past it). A sliding-window cache with
+  /// capacity >= 2·(window + the rows of its largest append) never grows: it moves its rows to the
+  /// front of its buffers in place, so a decoding step then allocates nothing.
   Index capacity = 0;
   /// Threads of every attend call (KvAttendOptions::threads overrides it); 0 = automatic: the
   /// calling thread alone for small problems (a decoding step), OpenMP's default otherwise.
@@ -407,8 +409,27 @@ class KvCache {
                                      : std::min(max_rows(), std::max(2 * capacity_, 2 * needed)));
   }
 
-  /// Moves the live rows to the front of a buffer of `capacity` rows.
+  /// Moves the live rows to the front of a buffer of `capacity` rows: in place when the capacity
+  /// stays (the compaction a sliding-window cache does every so often while decoding, which must
+  /// not allocate), else into new buffers.
   void relocate(Index capacity) {
+    if (capacity == capacity_) {
+      if (start_ == 0) return;
+      // Each copy moves rows towards the front of their head's block, so the destination starts
+      // before the source: std::copy is correct for such overlapping ranges.
+      for (Index h = 0; h < kv_heads_; ++h) {
+        Scalar* head_keys = keys_.data() + h * capacity_ * key_width_;
+        std::copy(head_keys + start_ * key_width_, head_keys + (start_ + size_) * key_width_,
+                  head_keys);
+        Scalar* head_values = values_.data() + h * capacity_ * value_dim_;
+        std::copy(head_values + start_ * value_dim_, head_values + (start_ + size_) * value_dim_,
+                  head_values);
+      }
+      std::copy_n(positions_.begin() + start_, size_, positions_.begin());
+      if (!segments_.empty()) std::copy_n(segments_.begin() + start_, size_, segments_.begin());
+      start_ = 0;
+      return;
+    }
     Vector<Scalar> keys(kv_heads_ * capacity * key_width_);
     Vector<Scalar> values(kv_heads_ * capacity * value_dim_);
     for (Index h = 0; h < kv_heads_; ++h) {

@@ -5,6 +5,8 @@
 
 // Core: shapes, masks, stage concepts, the attention kernels, composition, decoding.
 #include "posenc/attention.hpp"
+#include "posenc/attention_backward.hpp"
+#include "posenc/attention_map.hpp"
 #include "posenc/attention_options.hpp"
 #include "posenc/compose.hpp"
 #include "posenc/encoding.hpp"

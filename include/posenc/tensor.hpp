@@ -87,7 +87,7 @@ class HeadsView {
 
   /// Head `h` as a rows × dim matrix. Unchecked.
   HeadMap head(Index h) const {
-    return HeadMap(data_ + h * head_stride_, rows_, dim_, Eigen::OuterStride<>(row_stride_));
+    return HeadMap(offset(h * head_stride_), rows_, dim_, Eigen::OuterStride<>(row_stride_));
   }
 
   /// Rows [first, first + count) of every head (same strides). Throws when out of range.
@@ -95,7 +95,7 @@ class HeadsView {
     detail::require(first >= 0 && count >= 0 && first + count <= rows_,
                     "posenc::HeadsView::middle_rows", "rows [", first, ", ", first + count,
                     ") out of range for ", rows_, " rows");
-    return HeadsView(data_ + first * row_stride_, heads_, count, dim_, head_stride_, row_stride_);
+    return HeadsView(offset(first * row_stride_), heads_, count, dim_, head_stride_, row_stride_);
   }
 
   /// Element (head, row, column). Unchecked.
@@ -104,6 +104,9 @@ class HeadsView {
   }
 
  private:
+  /// data_ + n, or null for an empty view over no storage (offsetting null is undefined).
+  Scalar* offset(Index n) const { return data_ == nullptr ? nullptr : data_ + n; }
+
   Scalar* data_ = nullptr;
   Index heads_ = 0;
   Index rows_ = 0;

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Attention resolution R(s), the design-time rotary score curves and the empirical sub-diagonal
-// curve against golden/attention_resolution.json (R by 50-digit mpmath; curves from torchscale).
+// curve against tests/data/attention_resolution.json (R by 50-digit mpmath; curves from
+// torchscale).
 #include "posenc/analysis/attention_resolution.hpp"
 
 #include <gtest/gtest.h>
@@ -289,7 +290,7 @@ TEST(EmpiricalScoreCurve, PerHeadResolution) {
   const auto attention = load_golden("xpos_attention.json");
   const Heads<double> scores =
       test::to_heads(attention.at("cases").at(0).at("outputs").at("scores_pre_softmax"));
-  const Vector<double> r = empirical_attention_resolution(scores);
+  const Vector<double> r = empirical_attention_resolution(scores, {});
   const auto golden = load_golden("attention_resolution.json");
   const auto& heads = golden.at("empirical").at(0).at("per_batch_head");
   ASSERT_EQ(r.size(), static_cast<Index>(heads.size()));

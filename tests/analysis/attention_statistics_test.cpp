@@ -2,6 +2,7 @@
 // Entropy, mean attention distance and mass beyond a training length on hand-made distributions
 // and on the weights of the kernel.
 #include "posenc/analysis/attention_statistics.hpp"
+#include "posenc/attention.hpp"
 
 #include <gtest/gtest.h>
 
@@ -55,7 +56,7 @@ TEST(AttentionStatistics, PerHeadMeansSkipEmptyRows) {
   weights(0, 0, 0) = 1.0;
   weights(0, 1, 0) = 0.5;
   weights(0, 1, 1) = 0.5;
-  const AttentionStatistics stats = attention_statistics(weights, 1);
+  const AttentionStatistics stats = attention_statistics(weights, 1, {});
   EXPECT_EQ(stats.training_length, 1);
   EXPECT_EQ(stats.rows[0], 2);
   EXPECT_NEAR(stats.entropy[0], 0.5 * std::log(2.0), 1e-15);
@@ -75,8 +76,8 @@ TEST(AttentionStatistics, UniformCausalWeightsFromTheKernel) {
   Heads<float> q(H, N, D), k(H, M, D), v(H, M, D);
   k.flat().setRandom();
   const AttentionOptions options{.query_offset = M - N};
-  const Heads<float> weights = attention_weights(q, k, v, options);
-  const AttentionStatistics stats = attention_statistics(weights, 16, options);
+  const AttentionMap<float> weights = attention_weights(q, k, v, options);
+  const AttentionStatistics stats = attention_statistics(weights, 16);  // at the map's positions
   double entropy = 0.0, distance = 0.0, beyond = 0.0;
   for (Index r = 0; r < N; ++r) {
     const double keys = static_cast<double>(M - N + r + 1);
@@ -112,17 +113,17 @@ TEST(AttentionStatistics, MessagesNameAttentionStatisticsAndTheEntry) {
   Heads<double> weights(2, 3, 4);
   weights.flat().setConstant(0.25);
   weights(1, 2, 3) = -0.5;
-  POSENC_EXPECT_INVALID(attention_statistics(weights, 2),
+  POSENC_EXPECT_INVALID(attention_statistics(weights, 2, {}),
                         "posenc::attention_statistics: weights must be finite and non-negative",
                         "got -0.5", "head 1, row 2, column 3");
   weights(1, 2, 3) = std::numeric_limits<double>::quiet_NaN();
-  POSENC_EXPECT_INVALID(attention_statistics(weights, 2), "posenc::attention_statistics:", "nan",
-                        "head 1, row 2, column 3");
+  POSENC_EXPECT_INVALID(attention_statistics(weights, 2, {}),
+                        "posenc::attention_statistics:", "nan", "head 1, row 2, column 3");
   weights(1, 2, 3) = 0.25;
-  POSENC_EXPECT_INVALID(attention_statistics(weights, -1),
+  POSENC_EXPECT_INVALID(attention_statistics(weights, -1, {}),
                         "posenc::attention_statistics: training_length must be >= 0, got -1");
   // Checked even when there is no row to look at.
-  POSENC_EXPECT_INVALID(attention_statistics(Heads<double>(1, 0, 3), -2),
+  POSENC_EXPECT_INVALID(attention_statistics(Heads<double>(1, 0, 3), -2, {}),
                         "posenc::attention_statistics: training_length must be >= 0, got -2");
 }
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Theoretical receptive field (golden/trf.json, the ALiBi closed form, monotonicity in eps,
+// Theoretical receptive field (tests/data/trf.json, the ALiBi closed form, monotonicity in eps,
 // divergent series), the numerical pieces it rests on (Hurwitz zeta, stretched-exponential tails),
 // the overloads for the library's encoders (limit series, per-query-position field, non-additive
 // encoders), and the empirical receptive field on synthetic weights with known answers.
@@ -676,9 +676,9 @@ TEST(EmpiricalReceptiveField, AttentionWeightsOfALinearBias) {
   k.flat().setRandom();
   v.flat().setRandom();
   const AttentionOptions options{.query_offset = M - N};
-  const Heads<double> weights = attention_weights(q, k, v, bias, options);
+  const AttentionMap<double> weights = attention_weights(q, k, v, bias, options);
   for (const double eps : {0.5, 0.1, 0.01}) {
-    const EmpiricalReceptiveField erf = empirical_receptive_field(weights, eps, options);
+    const EmpiricalReceptiveField erf = empirical_receptive_field(weights, eps);
     for (Index h = 0; h < H; ++h) {
       const Index expected = trf_alibi(bias.slopes[h], eps).tokens;
       for (Index r = 0; r < N; ++r) EXPECT_EQ(erf.per_query(h, r), expected) << h << " " << r;
@@ -700,7 +700,7 @@ TEST(EmpiricalReceptiveField, PositionsMaskedRowsAndErrors) {
   EXPECT_EQ(empirical_receptive_field(Vector<double>::Zero(4), 3, 0.1), 0);  // nothing allowed
   Heads<double> weights(1, 2, 3);
   weights(0, 1, 0) = 1.0;
-  const EmpiricalReceptiveField erf = empirical_receptive_field(weights, 0.1);
+  const EmpiricalReceptiveField erf = empirical_receptive_field(weights, 0.1, {});
   EXPECT_EQ(erf.per_query(0, 0), 0);
   EXPECT_EQ(erf.per_query(0, 1), 2);  // query at 1, all weight on key 0
   EXPECT_DOUBLE_EQ(erf.mean[0], 2.0);

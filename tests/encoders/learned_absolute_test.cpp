@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// LearnedAbsoluteEncoding and the position-id rules: every case of golden/learned_abs.json
+// LearnedAbsoluteEncoding and the position-id rules: every case of tests/data/learned_abs.json
 // (fairseq make_positions and lookups, the incremental step, the over-length error, HF RoBERTa
 // and BERT/GPT-2 ids), the seeded initialisers, and argument checking.
 #include "posenc/encoders/learned_absolute.hpp"

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // RotaryEncoding: golden rows and frequencies of HF (Llama, GPT-J), Meta LLaMA, GPT-NeoX and ggml
-// (golden/rope.json), relative-position and norm properties, the pairing permutation, long-position
-// accuracy, thread safety, and the streaming kernel against the reference.
+// (tests/data/rope.json), relative-position and norm properties, the pairing permutation,
+// long-position accuracy, thread safety, and the streaming kernel against the reference.
 #include "posenc/encoders/rope.hpp"
 
 #include <gtest/gtest.h>
@@ -56,12 +56,13 @@ void expect_rows_near(const Matrix<Scalar>& got, const Matrix<double>& want,
 // differ by up to half an ulp of p·θ <= p: 1e-12 plus 2^-52·p.
 double double_tolerance(Index p) { return 1e-12 + std::ldexp(static_cast<double>(p), -52); }
 
-/// HF's inv_freq (modeling_rope_utils, the reference of golden/rope.json's hf_inv_freq) for
+/// HF's inv_freq (modeling_rope_utils, the reference of tests/data/rope.json's hf_inv_freq) for
 /// rotary width r, replayed step by step: `rounded` follows every step the reference does in
 /// float32 (test::round_to_float32 reproduces the golden bit for bit) or none (the same steps in
 /// double). torch semantics replayed: `python_float ** float32_tensor` is evaluated in double and
-/// rounded once (baselines.md §8); `python_float / tensor` is a reciprocal times the scalar; a
-/// Python scalar meeting a float32 tensor is cast to float32 first.
+/// rounded once (torch promotes the Python float to double for the power); `python_float / tensor`
+/// is a reciprocal times the scalar; a Python scalar meeting a float32 tensor is cast to float32
+/// first.
 template <class Round>
 std::vector<double> hf_inv_freq(const Round& rounded, Index r, double base,
                                 const RopeScaling& scaling) {

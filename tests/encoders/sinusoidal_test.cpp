@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// SinusoidalEncoding: every case of golden/sinusoidal.json that the three layouts cover (t2t,
+// SinusoidalEncoding: every case of tests/data/sinusoidal.json that the three layouts cover (t2t,
 // fairseq, gpt-neox, HF DistilBERT and Marian), exactness at positions up to 1e7 against long
 // double, the add_to forms, and argument checking.
 #include "posenc/encoders/sinusoidal.hpp"
@@ -24,7 +24,7 @@ using test::to_matrix;
 
 constexpr double float_eps = std::numeric_limits<float>::epsilon();
 
-/// Against a float64 golden: 1e-12 in double (the brief's contract; the goldens agree with exact
+/// Against a float64 golden: 1e-12 in double (our contract; the goldens agree with exact
 /// maths to 1.1e-16); in float our own rounding of values in [-1, 1] to float, <= eps_f32 / 2.
 template <class Scalar>
 double float64_tolerance() {
@@ -214,7 +214,7 @@ long double long_double_value(SinusoidalLayout layout, Index d, Index p, Index c
 
 // Long contexts: positions up to 1e7 agree with a long double computation to 1e-12 in double
 // (the long double reference itself rounds its angle to |angle|·2^-64 <= 5.4e-13 at 1e7) and to
-// eps_f32 in float (the brief asks 1e-6; a float result only adds its own rounding).
+// eps_f32 in float (tighter than 1e-6: a float result only adds its own rounding).
 TYPED_TEST(SinusoidalTest, ExactAtLargePositions) {
   using Scalar = TypeParam;
   const double tolerance = std::is_same_v<Scalar, float> ? float_eps : 1e-12;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // XPosEncoding and blockwise causal attention: torchscale's rotated rows and attention
-// (golden/xpos_rotate.json, xpos_attention.json), the LEX paper code's BCA and its decoding
-// window (golden/bca.json), relative-position properties, range at N = 131072 in float, and the
+// (tests/data/xpos_rotate.json, xpos_attention.json), the LEX paper code's BCA and its decoding
+// window (tests/data/bca.json), relative-position properties, range at N = 131072 in float, and the
 // streaming kernel against the reference.
 #include "posenc/encoders/xpos.hpp"
 
@@ -29,7 +29,7 @@ std::vector<Index> iota_positions(Index first, Index count) {
   return positions;
 }
 
-// Golden tolerance for float64 (reference notes: 1e-12 absolute).
+// Golden tolerance for float64 (1e-12 absolute, the precision the golden was made to).
 constexpr double golden_tolerance = 1e-12;
 
 TEST(XPosGolden, TorchscaleRotationOfQueriesAndKeys) {

@@ -2,7 +2,7 @@
 # The include rules of the layout (README, "Architecture"), checked on every header under
 # ROOT/posenc:   cmake -DROOT=<include dir> -P include_rules.cmake
 #
-#   core (tensor, mask, encoding, attention_options)  includes only detail/ and the core
+#   core (tensor, mask, encoding, attention_options, attention_map)  includes only detail/ and the core
 #   encoders/*   never includes the faces that run attention, kernel/ or analysis/
 #   kernel/*     never includes encoders/, analysis/ or a public face
 #   analysis/*   never includes kernel/
@@ -14,8 +14,8 @@ if(NOT ROOT)
   message(FATAL_ERROR "usage: cmake -DROOT=<include dir> -P include_rules.cmake")
 endif()
 
-set(core tensor.hpp mask.hpp encoding.hpp attention_options.hpp)
-set(faces attention.hpp linear_attention.hpp feature_maps.hpp kv_cache.hpp compose.hpp posenc.hpp)
+set(core tensor.hpp mask.hpp encoding.hpp attention_options.hpp attention_map.hpp)
+set(faces attention.hpp attention_backward.hpp linear_attention.hpp feature_maps.hpp kv_cache.hpp compose.hpp posenc.hpp)
 set(max_lines 700)
 
 file(GLOB_RECURSE headers RELATIVE ${ROOT}/posenc ${ROOT}/posenc/*.hpp)

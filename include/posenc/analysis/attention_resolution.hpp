@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "posenc/attention.hpp"
+#include "posenc/attention_map.hpp"
 #include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/encoders/rope.hpp"
@@ -28,7 +29,7 @@ namespace posenc {
 ///
 /// `score_curve` (any Eigen vector, N + 2 ≥ 2 entries s[0..N+1], s[n] the expected score at
 /// distance n): both sums run over i = 0..N; the last entry appears only in the difference (the
-/// convention of golden/attention_resolution.json). R is shift-invariant, so it is evaluated
+/// convention of tests/data/attention_resolution.json). R is shift-invariant, so it is evaluated
 /// with e_i = e^{s_i − m}, m = max(s[0..N]) (every e_i <= 1, the sum >= 1), and each term
 /// e_i·(e_i − e_{i+1}) as e^{2(s_i − m)}·(−expm1(Δ)) for a fall Δ = s[i+1] − s[i] <= 0 and as
 /// −e^{(s_i − m) + (s[i+1] − m)}·(−expm1(−Δ)) for a rise, so no step forms inf·0: any finite
@@ -74,7 +75,8 @@ double attention_resolution(const Eigen::MatrixBase<Derived>& score_curve) {
 ///   raw  — 2·g: the reference XPos/RoPE logit q·k for all-ones q and k (|1 + 1i|² = 2 per pair);
 ///   sum  — g, the paper's Eq. 8;
 ///   mean — g / (d/2), the mean over pairs (values in [−1, 1]).
-/// golden/attention_resolution.json gives R for all three ("R_of_s_raw", "R_of_g", "R_of_mean").
+/// tests/data/attention_resolution.json gives R for all three ("R_of_s_raw", "R_of_g",
+/// "R_of_mean").
 enum class ScoreNormalization { raw, sum, mean };
 
 /// XPos's per-pair decay ζ_i = (2i + γ·d) / ((1 + γ)·d), applied as ζ_i^(n/scale_base)
@@ -140,7 +142,7 @@ inline Vector<double> rotary_score_curve(
 }
 
 /// The same curve for the standard frequencies θ_i = base^(−2i/d), i < d/2, and, with
-/// options.decay, XPos's ζ_i = (2i + γ·d)/((1 + γ)·d) (golden/attention_resolution.json:
+/// options.decay, XPos's ζ_i = (2i + γ·d)/((1 + γ)·d) (tests/data/attention_resolution.json:
 /// "rope", "xpos_code_default" = {0.4, 512}, "xpos_scale_base_16", "xpos_scale_base_1").
 /// Example: `rotary_score_curve(64, 63, {.decay = XPosDecay{}})`.
 /// Throws for an odd or non-positive head_dim, base ≤ 1, γ ≤ 0 (ζ must be positive) or a bad
@@ -196,7 +198,7 @@ Vector<double> rotary_score_curve(const RotaryEncoding<T>& rope, Index max_dista
 /// The design-time curve of an XPos encoder as built: its θ_k (frequencies()), ζ_k (zeta(k)) and
 /// scale_base, g[n] = Σ_k cos(n θ_k)·ζ_k^(n/scale_base) (the centring cancels in q·k and does not
 /// enter). Equals rotary_score_curve(head_dim, max_distance, {.base, .decay = XPosDecay{γ,
-/// scale_base}}) up to rounding (golden/attention_resolution.json xpos variants).
+/// scale_base}}) up to rounding (tests/data/attention_resolution.json xpos variants).
 /// Throws for max_distance < 0.
 template <class T>
 Vector<double> rotary_score_curve(const XPosEncoding<T>& xpos, Index max_distance,
@@ -265,6 +267,8 @@ Vector<double> sub_diagonal_means(const char* fn, const Eigen::MatrixBase<Derive
 template <class Derived>
 Vector<double> empirical_score_curve(const Eigen::MatrixBase<Derived>& scores,
                                      Index query_offset = 0) {
+  detail::require_position_run("posenc::empirical_score_curve", "query_offset", query_offset,
+                               scores.rows());
   return detail::sub_diagonal_means(
       "posenc::empirical_score_curve", scores, [query_offset](Index r) { return query_offset + r; },
       [](Index c) { return c; });
@@ -280,21 +284,19 @@ Vector<double> empirical_score_curve(const Eigen::MatrixBase<Derived>& scores,
                   fn, "scores is ", scores.rows(), " x ", scores.cols(), " but ",
                   query_positions.size(), " query and ", key_positions.size(),
                   " key positions were given");
+  detail::require_positions(fn, "query_positions", query_positions);
+  detail::require_positions(fn, "key_positions", key_positions);
   return detail::sub_diagonal_means(
       fn, scores, [&](Index r) { return query_positions[static_cast<std::size_t>(r)]; },
       [&](Index c) { return key_positions[static_cast<std::size_t>(c)]; });
 }
 
-/// Per-head empirical resolution R(s_hat_h) of [H, N, M] pre-softmax scores (e.g. from
-/// attention_scores), with the positions of `options` (query_offset or query_positions,
-/// key_positions; the other fields are ignored). A head whose curve has fewer than 2 entries
-/// gets NaN.
-template <HeadsLike Scores>
-Vector<double> empirical_attention_resolution(const Scores& scores,
-                                              const AttentionOptions& options = {}) {
-  const auto view = detail::as_const_view(scores);
-  const auto positions = detail::resolve_positions("posenc::empirical_attention_resolution",
-                                                   options, view.rows(), view.dim());
+namespace detail {
+
+/// empirical_attention_resolution of `view` ([H, N, M]) with resolved positions.
+template <class Scalar>
+Vector<double> empirical_attention_resolution_at(HeadsView<const Scalar> view,
+                                                 const ResolvedPositions& positions) {
   Vector<double> result(view.heads());
   for (Index h = 0; h < view.heads(); ++h) {
     const Vector<double> curve =
@@ -303,6 +305,29 @@ Vector<double> empirical_attention_resolution(const Scores& scores,
         curve.size() >= 2 ? attention_resolution(curve) : std::numeric_limits<double>::quiet_NaN();
   }
   return result;
+}
+
+}  // namespace detail
+
+/// Per-head empirical resolution R(s_hat_h) of the [H, N, M] pre-softmax scores of
+/// attention_scores, at the positions the map carries. A head whose curve has fewer than 2
+/// entries gets NaN.
+template <class Scalar>
+Vector<double> empirical_attention_resolution(const AttentionMap<Scalar>& scores) {
+  return detail::empirical_attention_resolution_at<Scalar>(scores.view(),
+                                                           detail::analysis_positions(scores));
+}
+
+/// As above for scores without positions (a Heads or a view), placed by `options`
+/// (query_offset or query_positions, key_positions; the other fields are ignored). Given an
+/// AttentionMap, the options must place its rows and columns where the map says (else throws).
+template <HeadsLike Scores>
+Vector<double> empirical_attention_resolution(const Scores& scores,
+                                              const AttentionOptions& options) {
+  const auto view = detail::as_const_view(scores);
+  return detail::empirical_attention_resolution_at<heads_scalar_t<Scores>>(
+      view, detail::analysis_positions("posenc::empirical_attention_resolution", scores,
+                                       view.rows(), view.dim(), options));
 }
 
 }  // namespace posenc

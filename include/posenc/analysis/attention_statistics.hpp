@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: MIT
 // Per-head statistics of attention probabilities: how spread out each query's distribution is
 // (entropy), how far it reaches (mean distance), and how much of it lies beyond a training
-// length. Inputs are the [H, N, M] weights of attention_weights.
+// length. Inputs are the [H, N, M] weights of attention_weights (an AttentionMap, which carries
+// the positions the distances are measured with).
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <limits>
 
-#include "posenc/attention.hpp"
+#include "posenc/attention_map.hpp"
 #include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/tensor.hpp"
@@ -43,6 +44,8 @@ RowAttentionStatistics row_attention_statistics(const char* fn,
                                                 Index query_position, Index training_length,
                                                 Positions key_positions, Index head, Index row) {
   require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
+  require_position(fn, "query_position", query_position);
+  require_positions(fn, "key_positions", key_positions);
   require(key_positions.empty() || static_cast<Index>(key_positions.size()) == weights.size(), fn,
           "weights has ", weights.size(), " entries but ", key_positions.size(),
           " key positions were given");
@@ -93,19 +96,13 @@ RowAttentionStatistics attention_row_statistics(const Eigen::MatrixBase<Derived>
                                           query_position, training_length, key_positions, -1, 0);
 }
 
-/// Per-head entropy, mean attention distance and mass beyond `training_length`, averaged over
-/// the query rows with weight, of [H, N, M] weights (from attention_weights) with the positions
-/// of `options` (query_offset or query_positions, key_positions: pass the options the weights
-/// were computed with; the other fields are ignored). Distances are |i − j| on absolute
-/// positions. Throws as attention_row_statistics (messages name attention_statistics and the
-/// head, row and column of a bad weight).
-template <HeadsLike Weights>
-AttentionStatistics attention_statistics(const Weights& weights, Index training_length,
-                                         const AttentionOptions& options = {}) {
-  constexpr const char* fn = "posenc::attention_statistics";
-  detail::require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
-  const auto view = detail::as_const_view(weights);
-  const auto positions = detail::resolve_positions(fn, options, view.rows(), view.dim());
+namespace detail {
+
+/// attention_statistics of `view` ([H, N, M]) with resolved positions.
+template <class Scalar>
+AttentionStatistics attention_statistics_at(const char* fn, HeadsView<const Scalar> view,
+                                            Index training_length,
+                                            const ResolvedPositions& positions) {
   const Index H = view.heads();
   constexpr double nan = std::numeric_limits<double>::quiet_NaN();
   AttentionStatistics stats{training_length, Vector<double>::Constant(H, nan),
@@ -117,7 +114,7 @@ AttentionStatistics attention_statistics(const Weights& weights, Index training_
     long double beyond = 0.0L;
     Index rows = 0;
     for (Index r = 0; r < view.rows(); ++r) {
-      const RowAttentionStatistics row = detail::row_attention_statistics(
+      const RowAttentionStatistics row = row_attention_statistics(
           fn, view.head(h).row(r), positions.queries[static_cast<std::size_t>(r)], training_length,
           positions.keys, h, r);
       if (row.empty) continue;
@@ -134,6 +131,36 @@ AttentionStatistics attention_statistics(const Weights& weights, Index training_
     stats.mass_beyond[h] = static_cast<double>(beyond / n);
   }
   return stats;
+}
+
+}  // namespace detail
+
+/// Per-head entropy, mean attention distance and mass beyond `training_length`, averaged over
+/// the query rows with weight, of the [H, N, M] weights of attention_weights, at the positions
+/// the map carries. Distances are |i − j| on absolute positions. Throws as
+/// attention_row_statistics (messages name attention_statistics and the head, row and column of
+/// a bad weight).
+template <class Scalar>
+AttentionStatistics attention_statistics(const AttentionMap<Scalar>& weights,
+                                         Index training_length) {
+  constexpr const char* fn = "posenc::attention_statistics";
+  detail::require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
+  return detail::attention_statistics_at<Scalar>(fn, weights.view(), training_length,
+                                                 detail::analysis_positions(weights));
+}
+
+/// As above for weights without positions (a Heads or a view), placed by `options`
+/// (query_offset or query_positions, key_positions; the other fields are ignored). Given an
+/// AttentionMap, the options must place its rows and columns where the map says (else throws).
+template <HeadsLike Weights>
+AttentionStatistics attention_statistics(const Weights& weights, Index training_length,
+                                         const AttentionOptions& options) {
+  constexpr const char* fn = "posenc::attention_statistics";
+  detail::require(training_length >= 0, fn, "training_length must be >= 0, got ", training_length);
+  const auto view = detail::as_const_view(weights);
+  return detail::attention_statistics_at<heads_scalar_t<Weights>>(
+      fn, view, training_length,
+      detail::analysis_positions(fn, weights, view.rows(), view.dim(), options));
 }
 
 }  // namespace posenc

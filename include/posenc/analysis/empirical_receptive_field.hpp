@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "posenc/analysis/series_convergence.hpp"
+#include "posenc/attention_map.hpp"
 #include "posenc/attention_options.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/tensor.hpp"
@@ -67,11 +68,12 @@ Index erf_from_distance_weights(const Eigen::MatrixBase<Derived>& weights, doubl
 }
 
 /// ERF from gradients (the cumulative normalised gradient of Chi et al., ACL 2023, as the TRF
-/// paper uses it; notes §4.4, details unconfirmed): gradients[t] is the gradient (magnitude or
-/// signed component) of the loss at the last position with respect to the input at distance t
-/// (t = 0 is the last token itself; reverse a per-position array). |g| is normalised to sum 1
-/// and accumulated from the nearest position: the smallest K with Σ_{t<K} |g_t| ≥ (1 − ε)·Σ|g|.
-/// For gradient vectors pass their norms. Throws when every gradient is 0 or one is not finite.
+/// paper uses it; docs/reference/xpos_bca_resolution_trf.md §4.4, details unconfirmed):
+/// gradients[t] is the gradient (magnitude or signed component) of the loss at the last position
+/// with respect to the input at distance t (t = 0 is the last token itself; reverse a per-position
+/// array). |g| is normalised to sum 1 and accumulated from the nearest position: the smallest K
+/// with Σ_{t<K} |g_t| ≥ (1 − ε)·Σ|g|. For gradient vectors pass their norms. Throws when every
+/// gradient is 0 or one is not finite.
 template <class Derived>
 Index erf_from_gradients(const Eigen::MatrixBase<Derived>& gradients, double eps) {
   constexpr const char* fn = "posenc::erf_from_gradients";
@@ -94,6 +96,8 @@ Index empirical_receptive_field(const Eigen::MatrixBase<Derived>& weights, Index
                                 double eps, Positions key_positions = {}) {
   constexpr const char* fn = "posenc::empirical_receptive_field";
   detail::require_eps(fn, eps);
+  detail::require_position(fn, "query_position", query_position);
+  detail::require_positions(fn, "key_positions", key_positions);
   detail::require(
       key_positions.empty() || static_cast<Index>(key_positions.size()) == weights.size(), fn,
       "weights has ", weights.size(), " entries but ", key_positions.size(),
@@ -115,17 +119,12 @@ struct EmpiricalReceptiveField {
   Eigen::Matrix<Index, Eigen::Dynamic, 1> max;  // [H]: largest per-query ERF
 };
 
-/// ERF_ε of every query row of [H, N, M] attention weights (from attention_weights), with the
-/// positions of `options` (query_offset or query_positions, key_positions — pass the options the
-/// weights were computed with; the other fields are ignored). Throws for ε outside (0, 1),
-/// negative or non-finite weights, or positions of the wrong size.
-template <HeadsLike Weights>
-EmpiricalReceptiveField empirical_receptive_field(const Weights& weights, double eps,
-                                                  const AttentionOptions& options = {}) {
-  constexpr const char* fn = "posenc::empirical_receptive_field";
-  detail::require_eps(fn, eps);
-  const auto view = detail::as_const_view(weights);
-  const auto positions = detail::resolve_positions(fn, options, view.rows(), view.dim());
+namespace detail {
+
+/// empirical_receptive_field of `view` ([H, N, M]) with resolved positions.
+template <class Scalar>
+EmpiricalReceptiveField empirical_receptive_field_at(HeadsView<const Scalar> view, double eps,
+                                                     const ResolvedPositions& positions) {
   EmpiricalReceptiveField result{
       decltype(EmpiricalReceptiveField::per_query)::Zero(view.heads(), view.rows()),
       Vector<double>(view.heads()), Eigen::Matrix<Index, Eigen::Dynamic, 1>::Zero(view.heads())};
@@ -146,6 +145,31 @@ EmpiricalReceptiveField empirical_receptive_field(const Weights& weights, double
         rows > 0 ? static_cast<double>(sum / rows) : std::numeric_limits<double>::quiet_NaN();
   }
   return result;
+}
+
+}  // namespace detail
+
+/// ERF_ε of every query row of the [H, N, M] weights of attention_weights, at the positions the
+/// map carries. Throws for ε outside (0, 1) or negative or non-finite weights.
+template <class Scalar>
+EmpiricalReceptiveField empirical_receptive_field(const AttentionMap<Scalar>& weights, double eps) {
+  detail::require_eps("posenc::empirical_receptive_field", eps);
+  return detail::empirical_receptive_field_at<Scalar>(weights.view(), eps,
+                                                      detail::analysis_positions(weights));
+}
+
+/// As above for weights without positions (a Heads or a view), placed by `options`
+/// (query_offset or query_positions, key_positions; the other fields are ignored). Given an
+/// AttentionMap, the options must place its rows and columns where the map says (else throws).
+/// Throws also for positions of the wrong size or outside the supported range.
+template <HeadsLike Weights>
+EmpiricalReceptiveField empirical_receptive_field(const Weights& weights, double eps,
+                                                  const AttentionOptions& options) {
+  constexpr const char* fn = "posenc::empirical_receptive_field";
+  detail::require_eps(fn, eps);
+  const auto view = detail::as_const_view(weights);
+  return detail::empirical_receptive_field_at<heads_scalar_t<Weights>>(
+      view, eps, detail::analysis_positions(fn, weights, view.rows(), view.dim(), options));
 }
 
 }  // namespace posenc

@@ -189,8 +189,9 @@ ReceptiveField theoretical_receptive_field(const Bias& bias, Index head, double 
                                            Index query_position = detail::far_query_position) {
   constexpr const char* fn = "posenc::theoretical_receptive_field";
   detail::require_head(fn, head, static_cast<Index>(bias.heads()));
-  detail::require(query_position >= (Index{1} << 34), fn,
-                  "query_position must be >= 2^34 (room for the asymptote probes), got ",
+  detail::require(query_position >= (Index{1} << 34) && query_position < position_limit, fn,
+                  "query_position must lie in [2^34, 2^62) (room for the asymptote probes, inside "
+                  "the supported position range), got ",
                   query_position);
   detail::require_eps(fn, eps);
   const auto series = BiasSeries::from_function([&bias, head, query_position](Index t) {

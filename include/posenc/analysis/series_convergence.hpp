@@ -26,9 +26,9 @@
 namespace posenc {
 
 // ---------------------------------------------------------------------------------------------
-// Definitions (reference/xpos_bca_resolution_trf.md §4; the TRF paper, Qin, Zhong & Deng,
+// Definitions (docs/reference/xpos_bca_resolution_trf.md §4; the TRF paper, Qin, Zhong & Deng,
 // "Exploring Transformer Extrapolation", arXiv 2307.10156, AAAI 2024, could only be read in its
-// abstract, so the definition below is the reconstruction of golden/trf.json):
+// abstract, so the definition below is the reconstruction of the golden tests/data/trf.json):
 //
 //   causal distance t = i − j ≥ 0, bias b_t, weight w_t = exp(b_t), S = Σ_{t≥0} w_t;
 //   the series converges  <=>  the RPE extrapolates (the paper's condition);
@@ -450,7 +450,7 @@ inline Convergence convergence(const BiasSeries& series) {
 }
 
 /// TRF of ALiBi with this slope: the tail share after K tokens is e^(−m·K), so
-/// TRF_ε = max(1, ceil(ln(1/ε)/m)) (golden/trf.json: m = 1/16, ε = 0.1 → 37). When ln(1/ε)/m is
+/// TRF_ε = max(1, ceil(ln(1/ε)/m)) (tests/data/trf.json: m = 1/16, ε = 0.1 → 37). When ln(1/ε)/m is
 /// within 4 double ulps of an integer k the result is k (the definition's ≥ admits equality;
 /// e.g. m = 0.5, ε = e^(−5) gives 10, not 11). Slope ≤ 0 → infinite.
 /// total_weight = 1/(1 − e^(−m)). Throws unless 0 < ε < 1 and the slope is finite.

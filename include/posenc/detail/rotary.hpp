@@ -125,8 +125,10 @@ inline Scalar multiply_add(Scalar x, Scalar y, Scalar z) {
 /// Rotates the first 2·pairs channels of one row pair by pair: (a, b) -> (a·c − b·s, a·s + b·c)
 /// with c = cs[k]·g_k, s = cs[pairs + k]·g_k (g_k = gain[k], or 1 when `gain` is null); the
 /// remaining `dim − 2·pairs` channels are copied. Pair k is channels (2k, 2k+1) when
-/// `interleaved`, else (k, k + pairs). `in` and `out` may be the same row.
-template <class Scalar>
+/// `interleaved`, else (k, k + pairs). `in` and `out` may be the same row. `Transposed`: the
+/// transpose of that map, (a, b) -> (a·c + b·s, −a·s + b·c), the backward of the rotation
+/// (din = Jᵀ·dout).
+template <class Scalar, bool Transposed = false>
 void rotate_row(bool interleaved, Index pairs, Index dim, const Scalar* cs, const Scalar* gain,
                 const Scalar* in, Scalar* out) {
   const Scalar* cosines = cs;
@@ -142,6 +144,7 @@ void rotate_row(bool interleaved, Index pairs, Index dim, const Scalar* cs, cons
         c *= gain[k];
         s *= gain[k];
       }
+      if constexpr (Transposed) s = -s;
       const Index i = first_of_pair(k);
       const Index j = i + partner_offset();
       const Scalar a = in[i];

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // What the relative-position biases share: the causal or symmetric form of the distance i − j,
 // and the tile filler for a bias that depends on i − j alone (ALiBi, KERPLE, T5), which evaluates
-// the bias once per distinct distance of a tile instead of once per element.
+// the bias once per distinct distance of a tile instead of once per element, and its backward
+// (a tile of ∂L/∂B reduced to one sum per distance).
 #pragma once
 
 #include <algorithm>
@@ -126,6 +127,55 @@ void add_distance_bias(Positions qpos, Positions kpos, TileRef<Scalar> tile, con
       for (Index r = 0; r < chunk_rows; ++r) {
         add_row(window.data() + (chunk_rows - 1 - r), chunk_cols, &tile(r0 + r, c0));
       }
+    }
+  }
+}
+
+/// The backward of add_distance_bias: reduces dbias to a sum per distance i − j and hands each
+/// window to `apply(top, count, sums)`, sums[m] = Σ dbias(r, c) over qpos[r] − kpos[c] = top − m
+/// (m < count, in double). A bias b(i − j) with parameter θ then adds Σ_m sums[m]·∂b(top − m)/∂θ.
+/// Same windows as the forward: one per block (rows + cols − 1 anti-diagonal sums) when queries
+/// and keys are consecutive, one per row when only the keys are, one per element otherwise.
+template <class Scalar, class Apply>
+void reduce_distance_gradient(Positions qpos, Positions kpos, ConstTileRef<Scalar> dbias,
+                              const Apply& apply) {
+  const Index rows = dbias.rows();
+  const Index cols = dbias.cols();
+  if (rows == 0 || cols == 0) return;
+  if (!is_consecutive(kpos)) {
+    for (Index r = 0; r < rows; ++r) {
+      for (Index c = 0; c < cols; ++c) {
+        const double value = static_cast<double>(dbias(r, c));
+        apply(qpos[static_cast<std::size_t>(r)] - kpos[static_cast<std::size_t>(c)], 1, &value);
+      }
+    }
+    return;
+  }
+  const bool queries_consecutive = is_consecutive(qpos);
+  alignas(64) std::array<double, 2 * distance_chunk - 1> sums;
+  for (Index c0 = 0; c0 < cols; c0 += distance_chunk) {
+    const Index chunk_cols = std::min(distance_chunk, cols - c0);
+    const Index first_key = kpos[static_cast<std::size_t>(c0)];
+    if (!queries_consecutive) {
+      for (Index r = 0; r < rows; ++r) {
+        const Scalar* row = &dbias.coeffRef(r, c0);
+        for (Index c = 0; c < chunk_cols; ++c) {
+          sums[static_cast<std::size_t>(c)] = static_cast<double>(row[c]);
+        }
+        apply(qpos[static_cast<std::size_t>(r)] - first_key, chunk_cols, sums.data());
+      }
+      continue;
+    }
+    for (Index r0 = 0; r0 < rows; r0 += distance_chunk) {
+      const Index chunk_rows = std::min(distance_chunk, rows - r0);
+      const Index count = chunk_rows + chunk_cols - 1;
+      std::fill(sums.begin(), sums.begin() + count, 0.0);
+      for (Index r = 0; r < chunk_rows; ++r) {  // row r holds distances top − (rows − 1 − r + c)
+        const Scalar* row = &dbias.coeffRef(r0 + r, c0);
+        double* out = sums.data() + (chunk_rows - 1 - r);
+        for (Index c = 0; c < chunk_cols; ++c) out[c] += static_cast<double>(row[c]);
+      }
+      apply(qpos[static_cast<std::size_t>(r0 + chunk_rows - 1)] - first_key, count, sums.data());
     }
   }
 }

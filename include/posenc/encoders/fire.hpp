@@ -81,6 +81,9 @@ struct FireOptions {
 ///   element one multiply (a float32 division when replaying DAPE) and one multiply-add.
 /// - Matches golden fire.json (ReLU, symmetric; float64 and float32) and DAPE's FIRE_C
 ///   (dape_fire_causal.json bias_B with FireOptions::dape).
+/// - Training: Gradient holds w1, b1, w2, b2, c and threshold_multiplier. The backward
+///   (accumulate_bias_gradient) walks the same pieces: rows below L share one normaliser and are
+///   summed per distance first (cheaper than the forward); other rows cost one run per piece.
 /// - Example: examples/relative_biases.cpp.
 template <class T>
 class Fire {
@@ -118,11 +121,11 @@ class Fire {
     // L0 is a length (init_L); only the learnable multiplier may turn negative (L uses |·|).
     detail::require(options_.threshold >= 0.0, fn, "threshold (L0, init_L) must be >= 0, got ",
                     options_.threshold);
+    exact_threshold_ = std::abs(options_.threshold_multiplier * options_.threshold);
+    threshold_ = exact_threshold_;
     if (options_.float32_distance) {
       threshold_ = std::abs(static_cast<double>(static_cast<float>(options_.threshold_multiplier) *
                                                 static_cast<float>(options_.threshold)));
-    } else {
-      threshold_ = std::abs(options_.threshold_multiplier * options_.threshold);
     }
     negative_factor_ = options_.activation == FireActivation::relu ? 0.0 : options_.negative_slope;
     pieces_.reserve(static_cast<std::size_t>(heads()));
@@ -233,6 +236,163 @@ class Fire {
     }
   }
 
+  /// ∂L/∂ each learnable parameter, named and shaped like it: w1 [W, 1], b1 [W], w2 [heads, W],
+  /// b2 [heads], c and threshold_multiplier (options().c, options().threshold_multiplier)
+  /// (HasLearnableParameters). L0 (options().threshold), eps and the slope are constants.
+  struct Gradient {
+    Matrix<double> w1;
+    Vector<double> b1;
+    Matrix<double> w2;
+    Vector<double> b2;
+    double c = 0.0;
+    double threshold_multiplier = 0.0;
+    Gradient& operator+=(const Gradient& other) {
+      w1 += other.w1;
+      b1 += other.b1;
+      w2 += other.w2;
+      b2 += other.b2;
+      c += other.c;
+      threshold_multiplier += other.threshold_multiplier;
+      return *this;
+    }
+  };
+  Gradient zero_gradient() const {
+    return {Matrix<double>::Zero(mlp_width(), 1),
+            Vector<double>::Zero(mlp_width()),
+            Matrix<double>::Zero(heads(), mlp_width()),
+            Vector<double>::Zero(heads()),
+            0.0,
+            0.0};
+  }
+
+  /// Adds Σ_{r,c} dbias(r, c)·∂B_h/∂θ to `gradient` for every θ (LearnableScoreBias). With
+  /// z_w = W1_w·x + b1_w, a_w = act'(z_w), f'(x) = Σ_w W2_hw·a_w·W1_w (the slope of x's piece):
+  ///   ∂B/∂b2_h = 1, ∂B/∂W2_hw = act(z_w), ∂B/∂b1_w = W2_hw·a_w, ∂B/∂W1_w = W2_hw·a_w·x,
+  ///   ∂B/∂c = f'(x)·(ψ_c(δ) − x·ψ_c(m)) / D,   ψ_c(u) = sign(c)·u / (|c|·u + 1),
+  ///   ∂B/∂mult = −f'(x)·x/D·ψ'(m)·∂m/∂L·sign(mult·L0)·L0,   ψ'(m) = |c| / (|c|·m + 1) (0 at m = 0)
+  /// with m = max(i, L), D = ψ(m) + eps. Per row, runs of one piece of f are summed (Σ dbias,
+  /// Σ dbias·x, Σ dbias·ψ_c); the MLP terms are applied once per piece per tile.
+  /// Conventions (torch's): act'(0) = 0 for relu and the slope for leaky_relu, so where x = 0
+  /// exactly (δ = 0 or c = 0) a unit counts as on iff b1_w > 0; at another kink the piece to the
+  /// right of it decides (torch's choice there depends on the rounding of z); ∂m/∂L = 1 for
+  /// i < L, 1/2 for i = L (torch.maximum splits ties), 0 for i > L; |·|' = sign (0 at 0).
+  /// float32_distance: the backward works in double and treats that rounding as the identity
+  /// (straight-through), evaluating everything at the unrounded double values.
+  /// Unchecked head and shapes.
+  void accumulate_bias_gradient(Index head, Positions query_positions, Positions key_positions,
+                                ConstTileRef<T> dbias, Gradient& gradient) const {
+    const Index rows = dbias.rows();
+    const Index cols = dbias.cols();
+    if (rows == 0 || cols == 0) return;
+    constexpr Index chunk = detail::distance_chunk;
+    constexpr Index window = 2 * chunk - 1;
+    alignas(64) std::array<double, window> psi;   // ψ(δ) per distance
+    alignas(64) std::array<double, window> dpsi;  // δ / (|c|·δ + 1) per distance
+    alignas(64) std::array<double, window> x;
+    alignas(64) std::array<double, window> g;  // a row of dbias (or a sum per distance), double
+    BackwardSums sums;
+    const std::size_t piece_count = pieces_[static_cast<std::size_t>(head)].slope.size();
+    if (piece_count <= BackwardSums::capacity) {
+      std::fill_n(sums.s0.begin(), piece_count, 0.0);
+      std::fill_n(sums.s1.begin(), piece_count, 0.0);
+    }
+    const double c_abs = std::abs(options_.c);
+    const double L = exact_threshold_;
+    const bool keys_consecutive = detail::is_consecutive(key_positions);
+    const bool queries_consecutive = keys_consecutive && detail::is_consecutive(query_positions);
+    double d_c = 0.0;  // Σ ∂B/∂c / sign(c)
+    double d_L = 0.0;  // Σ ∂B/∂L
+    // A row (or rows summed per distance) of normaliser 1/D at m = max(i, L): the c and L terms.
+    const auto finish = [&](double m, double inverse, double dm_dL) {
+      d_c += (sums.g_psi - sums.g_x * m / (c_abs * m + 1.0)) * inverse;
+      if (m > 0.0) d_L -= sums.g_x * inverse * dm_dL * c_abs / (c_abs * m + 1.0);
+      sums.g_x = 0.0;
+      sums.g_psi = 0.0;
+    };
+    // The window entries [first, last) with dbias g: x = ψ·inverse, i − j >= 0 below `split`.
+    const auto walk = [&](double inverse, Index first, Index last, Index split) {
+      for (Index c = first; c < last; ++c) {
+        x[static_cast<std::size_t>(c)] = psi[static_cast<std::size_t>(c)] * inverse;
+      }
+      split = std::clamp(split, first, last);
+      add_runs(head, x.data(), dpsi.data(), g.data(), first, split, false, sums, gradient);
+      add_runs(head, x.data(), dpsi.data(), g.data(), split, last, true, sums, gradient);
+    };
+    const double inverse_at_L = 1.0 / (std::log1p(c_abs * L) + options_.eps);
+    for (Index c0 = 0; c0 < cols; c0 += chunk) {
+      const Index chunk_cols = std::min(chunk, cols - c0);
+      const Index first_key = key_positions[static_cast<std::size_t>(c0)];
+      for (Index r0 = 0; r0 < rows; r0 += chunk) {
+        const Index chunk_rows = std::min(chunk, rows - r0);
+        const Positions block = query_positions.subspan(static_cast<std::size_t>(r0),
+                                                        static_cast<std::size_t>(chunk_rows));
+        Index r = 0;
+        if (queries_consecutive) {
+          const Index count = chunk_rows + chunk_cols - 1;
+          const Index top = block.back() - first_key;
+          distance_window(top, count, psi.data(), dpsi.data());
+          // Rows with i < L share m = L: summed per distance (as reduce_distance_gradient) and
+          // walked once as one row.
+          while (r < chunk_rows && static_cast<double>(block[static_cast<std::size_t>(r)]) < L) ++r;
+          if (r > 1) {
+            const Index low = chunk_rows - r;  // the distances rows [0, r) reach
+            std::fill(g.begin() + low, g.begin() + count, 0.0);
+            for (Index q = 0; q < r; ++q) {
+              const T* row = &dbias.coeffRef(r0 + q, c0);
+              double* out = g.data() + (chunk_rows - 1 - q);
+              for (Index c = 0; c < chunk_cols; ++c) out[c] += static_cast<double>(row[c]);
+            }
+            walk(inverse_at_L, low, count, top + 1);
+            finish(L, inverse_at_L, 1.0);
+          } else {
+            r = 0;
+          }
+        }
+        for (; r < chunk_rows; ++r) {
+          const Index i = block[static_cast<std::size_t>(r)];
+          const double m = std::max(static_cast<double>(i), L);
+          const double inverse = 1.0 / (std::log1p(c_abs * m) + options_.eps);  // 1 / D
+          const T* row = &dbias.coeffRef(r0 + r, c0);
+          for (Index c = 0; c < chunk_cols; ++c) g[static_cast<std::size_t>(c)] = row[c];
+          if (!keys_consecutive) {
+            for (Index c = 0; c < chunk_cols; ++c) {
+              const Index j = key_positions[static_cast<std::size_t>(c0 + c)];
+              distance_window(i - j, 1, psi.data(), dpsi.data());
+              add_element(head, psi[0] * inverse, dpsi[0], g[static_cast<std::size_t>(c)], sums,
+                          gradient);
+            }
+          } else if (queries_consecutive) {
+            // Row r reads the block's window from chunk_rows − 1 − r; shift its dbias there.
+            const auto offset = static_cast<std::size_t>(chunk_rows - 1 - r);
+            std::copy_backward(g.begin(), g.begin() + chunk_cols,
+                               g.begin() + static_cast<Index>(offset) + chunk_cols);
+            walk(inverse, static_cast<Index>(offset), static_cast<Index>(offset) + chunk_cols,
+                 block.back() - first_key + 1);
+          } else {
+            distance_window(i - first_key, chunk_cols, psi.data(), dpsi.data());
+            walk(inverse, 0, chunk_cols, i - first_key + 1);
+          }
+          const double tie = L == static_cast<double>(i) ? 0.5 : 0.0;
+          finish(m, inverse, L > static_cast<double>(i) ? 1.0 : tie);
+        }
+      }
+    }
+    const double mult_l0 = options_.threshold_multiplier * options_.threshold;
+    gradient.c += sign(options_.c) * d_c;
+    gradient.threshold_multiplier += d_L * sign(mult_l0) * options_.threshold;
+    gradient.b2[head] += sums.total;
+    if (piece_count <= BackwardSums::capacity) {
+      for (std::size_t k = 0; k < piece_count; ++k) {
+        add_piece_gradient(head, k, sums.s0[k], sums.s1[k], gradient);
+      }
+    }
+    for (Index w = 0; w < mlp_width(); ++w) {  // x = 0: z_w = b1_w exactly
+      const double factor = b1_[w] > 0.0 ? 1.0 : negative_factor_;
+      gradient.w2(head, w) += factor * b1_[w] * sums.zero;
+      gradient.b1[w] += w2_(head, w) * factor * sums.zero;
+    }
+  }
+
  private:
   /// f_h as a piecewise-linear function: on [kinks[k − 1], kinks[k]) (kinks[−1] = −inf,
   /// kinks[P] = +inf) f_h(x) = slope[k]·x + intercept[k].
@@ -245,7 +405,21 @@ class Fire {
       return static_cast<std::size_t>(std::upper_bound(kinks.begin(), kinks.end(), x) -
                                       kinks.begin());
     }
+    double low(std::size_t k) const {
+      return k == 0 ? -std::numeric_limits<double>::infinity() : kinks[k - 1];
+    }
+    double high(std::size_t k) const {
+      return k == kinks.size() ? std::numeric_limits<double>::infinity() : kinks[k];
+    }
   };
+
+  /// Whether unit z = a·x + b is on (act = identity) on the piece [low, high), decided from its
+  /// kink −b/a; with a = 0 on iff b > 0 (torch: relu'(0) = 0).
+  static bool unit_on(double a, double b, double low, double high) {
+    if (a > 0.0) return -b / a <= low;
+    if (a < 0.0) return -b / a >= high;
+    return b > 0.0;
+  }
 
   Pieces make_pieces(Index head) const {
     Pieces p;
@@ -254,20 +428,13 @@ class Fire {
     }
     std::sort(p.kinks.begin(), p.kinks.end());
     p.kinks.erase(std::unique(p.kinks.begin(), p.kinks.end()), p.kinks.end());
-    constexpr double infinity = std::numeric_limits<double>::infinity();
     for (std::size_t k = 0; k <= p.kinks.size(); ++k) {
-      const double low = k == 0 ? -infinity : p.kinks[k - 1];
-      const double high = k == p.kinks.size() ? infinity : p.kinks[k];
       double slope = 0.0;
       double intercept = b2_[head];
       for (Index w = 0; w < mlp_width(); ++w) {
         const double a = w1_(w, 0);
         const double b = b1_[w];
-        // Unit w is on (z = a·x + b >= 0) on the whole piece: decided from its kink −b/a.
-        bool on = b >= 0.0;
-        if (a > 0.0) on = -b / a <= low;
-        if (a < 0.0) on = -b / a >= high;
-        const double factor = on ? 1.0 : negative_factor_;
+        const double factor = unit_on(a, b, p.low(k), p.high(k)) ? 1.0 : negative_factor_;
         slope += w2_(head, w) * factor * a;
         intercept += w2_(head, w) * factor * b;
       }
@@ -303,6 +470,112 @@ class Fire {
       c = stop;
     }
   }
+
+  /// What the backward sums over a tile: per piece k of f (up to `capacity` pieces, else added
+  /// to the gradient run by run) and over x = 0, then per row the terms of ∂B/∂c and ∂B/∂L.
+  struct BackwardSums {
+    static constexpr std::size_t capacity = 256;
+    std::array<double, capacity> s0;  // Σ dbias over the piece
+    std::array<double, capacity> s1;  // Σ dbias·x over the piece
+    double zero = 0.0;                // Σ dbias where x = 0
+    double total = 0.0;               // Σ dbias
+    double g_x = 0.0;                 // row: Σ dbias·f'(x)·x
+    double g_psi = 0.0;               // row: Σ dbias·f'(x)·δ / (|c|·δ + 1)
+  };
+
+  /// Adds the MLP terms of elements of piece k with Σ dbias = s0, Σ dbias·x = s1:
+  /// d_W2_hw += act(z_w) summed = factor·(W1_w·s1 + b1_w·s0), d_b1_w += W2_hw·factor·s0,
+  /// d_W1_w += W2_hw·factor·s1, factor = act'(z_w) on the piece.
+  void add_piece_gradient(Index head, std::size_t k, double s0, double s1,
+                          Gradient& gradient) const {
+    const Pieces& pieces = pieces_[static_cast<std::size_t>(head)];
+    for (Index w = 0; w < mlp_width(); ++w) {
+      const double a = w1_(w, 0);
+      const double b = b1_[w];
+      const double factor = unit_on(a, b, pieces.low(k), pieces.high(k)) ? 1.0 : negative_factor_;
+      gradient.w2(head, w) += factor * (a * s1 + b * s0);
+      const double t = w2_(head, w) * factor;
+      gradient.b1[w] += t * s0;
+      gradient.w1(w, 0) += t * s1;
+    }
+  }
+
+  /// Accumulates a run of elements of piece k (sums of dbias, dbias·x, dbias·ψ_c).
+  void add_run(Index head, std::size_t k, double s0, double s1, double s_psi, BackwardSums& sums,
+               Gradient& gradient) const {
+    if (pieces_[static_cast<std::size_t>(head)].slope.size() <= BackwardSums::capacity) {
+      sums.s0[k] += s0;
+      sums.s1[k] += s1;
+    } else {
+      add_piece_gradient(head, k, s0, s1, gradient);
+    }
+    const double slope = pieces_[static_cast<std::size_t>(head)].slope[k];
+    sums.g_x += slope * s1;
+    sums.g_psi += slope * s_psi;
+  }
+
+  /// One element: x, δ/(|c|·δ + 1) and dbias = g.
+  void add_element(Index head, double x, double dpsi, double g, BackwardSums& sums,
+                   Gradient& gradient) const {
+    sums.total += g;
+    if (x == 0.0) {
+      sums.zero += g;
+      return;
+    }
+    add_run(head, pieces_[static_cast<std::size_t>(head)].piece_of(x), g, g * x, g * dpsi, sums,
+            gradient);
+  }
+
+  /// The elements [first, last) of a row with monotone x (non-decreasing when `increasing`):
+  /// the x = 0 ones (at the low end, x >= 0) into sums.zero, the others run by run of one piece
+  /// (as add_pieces walks them).
+  void add_runs(Index head, const double* x, const double* dpsi, const double* g, Index first,
+                Index last, bool increasing, BackwardSums& sums, Gradient& gradient) const {
+    using Array = Eigen::Map<const Eigen::Array<double, 1, Eigen::Dynamic>>;
+    sums.total += Array(g + first, last - first).sum();
+    if (increasing) {
+      const Index zeros_end =
+          std::partition_point(x + first, x + last, [](double v) { return v <= 0.0; }) - x;
+      sums.zero += Array(g + first, zeros_end - first).sum();
+      first = zeros_end;
+    } else {
+      const Index zeros_begin =
+          std::partition_point(x + first, x + last, [](double v) { return v > 0.0; }) - x;
+      sums.zero += Array(g + zeros_begin, last - zeros_begin).sum();
+      last = zeros_begin;
+    }
+    const Pieces& pieces = pieces_[static_cast<std::size_t>(head)];
+    const std::size_t count = pieces.kinks.size();
+    Index c = first;
+    while (c < last) {
+      const std::size_t k = pieces.piece_of(x[c]);
+      const double* end = x + last;
+      if (increasing && k < count) {
+        const double high = pieces.kinks[k];
+        end = std::partition_point(x + c, x + last, [high](double v) { return v < high; });
+      } else if (!increasing && k > 0) {
+        const double low = pieces.kinks[k - 1];
+        end = std::partition_point(x + c, x + last, [low](double v) { return v >= low; });
+      }
+      const Index stop = std::max<Index>(end - x, c + 1);
+      const Array gs(g + c, stop - c);
+      add_run(head, k, gs.sum(), (gs * Array(x + c, stop - c)).sum(),
+              (gs * Array(dpsi + c, stop - c)).sum(), sums, gradient);
+      c = stop;
+    }
+  }
+
+  /// psi[m] = ψ(δ) = log(1 + |c|·δ) and dpsi[m] = δ / (|c|·δ + 1) for δ = δ(top − m), m < count,
+  /// in double (the backward's; ψ as psi_window's double path).
+  void distance_window(Index top, Index count, double* psi, double* dpsi) const {
+    detail::form_distances(options_.form, top, count, dpsi);
+    const double c = std::abs(options_.c);
+    for (Index m = 0; m < count; ++m) psi[m] = c * dpsi[m];
+    for (Index m = 0; m < count; ++m) dpsi[m] /= psi[m] + 1.0;
+    detail::log1p_in_place(psi, count);
+  }
+
+  static double sign(double v) { return v > 0.0 ? 1.0 : v < 0.0 ? -1.0 : 0.0; }
 
   /// ψ(δ) = log(|c·δ| + 1), in double or replaying the reference's float32 steps.
   double psi(Index distance) const {
@@ -378,12 +651,15 @@ class Fire {
   Matrix<double> w2_;
   Vector<double> b2_;
   FireOptions options_;
-  double threshold_ = 0.0;
+  double threshold_ = 0.0;        // L as the forward uses it (float32-rounded when replaying)
+  double exact_threshold_ = 0.0;  // |threshold_multiplier · threshold| in double (backward)
   double negative_factor_ = 0.0;
   std::vector<Pieces> pieces_;
 };
 
 static_assert(ScoreBias<Fire<float>>);
 static_assert(ScoreBias<Fire<double>>);
+static_assert(LearnableScoreBias<Fire<float>>);
+static_assert(LearnableScoreBias<Fire<double>>);
 
 }  // namespace posenc

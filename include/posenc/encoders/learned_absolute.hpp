@@ -165,6 +165,48 @@ class LearnedAbsoluteEncoding {
     }
   }
 
+  // Backward. add_to passes ∂L/∂x through unchanged (x + p has identity Jacobian in x); the
+  // table's gradient gathers dx by position: ∂L/∂table[row] = Σ_{t reading row} dx[t, :].
+
+  /// The table's gradient, shaped like the table.
+  struct Gradient {
+    Matrix<Scalar> table;
+    Gradient& operator+=(const Gradient& other) {
+      table += other.table;
+      return *this;
+    }
+  };
+
+  Gradient zero_gradient() const { return {Matrix<Scalar>::Zero(table_.rows(), table_.cols())}; }
+
+  /// Backward of add_to(x, first_position): gradient.table[position_offset + first_position + t]
+  /// += dx[t, :]. dx: [n, dim] (∂L/∂x after the addition). Throws as add_to.
+  void accumulate_gradient(ConstTileRef<Scalar> dx, Index first_position,
+                           Gradient& gradient) const {
+    constexpr const char* fn = "posenc::LearnedAbsoluteEncoding::accumulate_gradient";
+    check_width(dx.cols(), fn);
+    detail::require(
+        first_position >= 0 && dx.rows() <= std::max<Index>(max_positions() - first_position, 0),
+        fn, "rows ", first_position, " … ", first_position + dx.rows() - 1,
+        " do not fit the table of ", max_positions(), " positions");
+    if (dx.rows() > 0) {
+      gradient.table.middleRows(position_offset_ + first_position, dx.rows()) += dx;
+    }
+  }
+
+  /// Backward of add_to(x, position_ids): gradient.table[position_ids[t]] += dx[t, :].
+  void accumulate_gradient(ConstTileRef<Scalar> dx, std::span<const Index> position_ids,
+                           Gradient& gradient) const {
+    constexpr const char* fn = "posenc::LearnedAbsoluteEncoding::accumulate_gradient";
+    check_width(dx.cols(), fn);
+    detail::require(static_cast<Index>(position_ids.size()) == dx.rows(), fn, "dx has ", dx.rows(),
+                    " rows but position_ids has ", position_ids.size(), " entries");
+    check_ids(position_ids, fn);
+    for (Index t = 0; t < dx.rows(); ++t) {
+      gradient.table.row(position_ids[static_cast<std::size_t>(t)]) += dx.row(t);
+    }
+  }
+
   /// [n, dim]: row t = table[position_ids[t], :].
   Matrix<Scalar> lookup(std::span<const Index> position_ids) const {
     constexpr const char* fn = "posenc::LearnedAbsoluteEncoding::lookup";

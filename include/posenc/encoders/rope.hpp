@@ -269,7 +269,7 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
 /// - Angles are formed in double (p·θ exact, reduced modulo 2π) and cast last; cos/sin rows are
 ///   cached per position on first use (thread-safe; copies share the cache).
 /// - Scalings (RopeScaling) change θ_k and, for YaRN, multiply cos and sin by a magnitude.
-/// - Matches golden/rope.json: HF Llama/GPT-NeoX (half), HF GPT-J, Meta LLaMA and ggml
+/// - Matches tests/data/rope.json: HF Llama/GPT-NeoX (half), HF GPT-J, Meta LLaMA and ggml
 ///   (interleaved), partial rotary, HF inv_freq of every scaling, ggml linear and YaRN. Example:
 ///   examples/convert_rope_pairing.cpp.
 template <class ScalarType>
@@ -363,6 +363,19 @@ class RotaryEncoding {
     rotate(positions, in, out);
   }
 
+  /// Backward (DifferentiableTransform): the rotation is orthogonal, so din = R(θ)ᵀ·dout, the
+  /// rotation by −θ, at the same positions. `in` is not needed.
+  void transform_queries_backward(Index /*head*/, Positions positions, Index /*centre*/,
+                                  ConstTileRef<Scalar> /*in*/, ConstTileRef<Scalar> dout,
+                                  TileRef<Scalar> din) const {
+    rotate<true>(positions, dout, din);
+  }
+  void transform_keys_backward(Index /*head*/, Positions positions, Index /*centre*/,
+                               ConstTileRef<Scalar> /*in*/, ConstTileRef<Scalar> dout,
+                               TileRef<Scalar> din) const {
+    rotate<true>(positions, dout, din);
+  }
+
   /// Keys do not depend on the tile centre: a KV cache may store them transformed.
   bool keys_ignore_centre() const { return true; }
 
@@ -377,6 +390,7 @@ class RotaryEncoding {
                                            detail::RotaryRowFill{frequencies_, magnitude_});
   }
 
+  template <bool Transposed = false>
   void rotate(Positions positions, ConstTileRef<Scalar> in, TileRef<Scalar> out) const {
     constexpr const char* fn = "posenc::RotaryEncoding::transform";
     detail::require(in.cols() == head_dim_ && out.cols() == head_dim_ && out.rows() == in.rows(),
@@ -396,9 +410,9 @@ class RotaryEncoding {
         scratch = detail::grow(lease.emplace().get().values, rotary_dim_);
       }
       const Scalar* cs = table_->row(position, scratch);
-      detail::rotate_row<Scalar>(interleaved, pairs, head_dim_, cs, nullptr,
-                                 in.data() + r * in.outerStride(),
-                                 out.data() + r * out.outerStride());
+      detail::rotate_row<Scalar, Transposed>(interleaved, pairs, head_dim_, cs, nullptr,
+                                             in.data() + r * in.outerStride(),
+                                             out.data() + r * out.outerStride());
     }
   }
 

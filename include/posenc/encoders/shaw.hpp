@@ -116,20 +116,7 @@ class ShawRelative {
   /// scaled_queries: [rows, D]; logits: [rows, cols].
   void add_relative_logits(Index /*head*/, Positions query_positions, Positions key_positions,
                            ConstTileRef<T> scaled_queries, TileRef<T> logits) const {
-    if (logits.size() == 0) return;
-    const TableRange range = table_range(query_positions, key_positions);
-    // products[r, t] = q_r · a^K[first + t]
-    const Matrix<T> products =
-        scaled_queries * key_table_.middleRows(range.first, range.count).transpose();
-    for_each_run(query_positions, key_positions, range,
-                 [&](Index r, Index c, Index length, Index t, bool constant) {
-                   auto segment = logits.row(r).segment(c, length);
-                   if (constant) {
-                     segment.array() += products(r, t);
-                   } else {
-                     segment += products.row(r).segment(t, length);
-                   }
-                 });
+    add_table_products(query_positions, key_positions, scaled_queries, key_table_, logits);
   }
 
   /// output.row(r) += Σ_c weights(r, c) · a^V[kpos[c] − qpos[r]] (nothing when values == none).
@@ -138,18 +125,64 @@ class ShawRelative {
                            ConstTileRef<T> weights, TileRef<T> output) const {
     if (values_ == ShawValues::none || weights.size() == 0) return;
     const TableRange range = table_range(query_positions, key_positions);
-    // sums[r, t] = Σ of the weights of row r whose relative position reads row first + t
-    Matrix<T> sums = Matrix<T>::Zero(weights.rows(), range.count);
-    for_each_run(query_positions, key_positions, range,
-                 [&](Index r, Index c, Index length, Index t, bool constant) {
-                   const auto segment = weights.row(r).segment(c, length);
-                   if (constant) {
-                     sums(r, t) += segment.sum();
-                   } else {
-                     sums.row(r).segment(t, length) += segment;
-                   }
-                 });
-    output.noalias() += sums * value_table().middleRows(range.first, range.count);
+    output.noalias() += run_sums(query_positions, key_positions, range, weights) *
+                        value_table().middleRows(range.first, range.count);
+  }
+
+  // Backward (attention_backward). With dO = ∂L/∂out and dS = ∂L/∂logit of a tile:
+  //   ∂L/∂p_ij gains dO_i · a^V[j − i];   ∂L/∂(scaled q_i) gains Σ_j dS_ij · a^K[j − i];
+  //   ∂L/∂a^K[t] = Σ_{j − i ↦ t} dS_ij · scaled q_i;   ∂L/∂a^V[t] = Σ_{j − i ↦ t} p_ij · dO_i.
+
+  /// The tables' gradients, shaped like the tables (value_table empty unless values ==
+  /// separate: a tied table's value share goes to key_table).
+  struct Gradient {
+    Matrix<T> key_table;
+    Matrix<T> value_table;
+    Gradient& operator+=(const Gradient& other) {
+      key_table += other.key_table;
+      value_table += other.value_table;
+      return *this;
+    }
+  };
+
+  Gradient zero_gradient() const {
+    return {Matrix<T>::Zero(key_table_.rows(), key_table_.cols()),
+            Matrix<T>::Zero(value_table_.rows(), value_table_.cols())};
+  }
+
+  /// dscores(r, c) += dout.row(r) · a^V[kpos[c] − qpos[r]] (nothing when values == none).
+  /// dout: [rows, Dv]; dscores: [rows, cols].
+  void add_relative_value_scores(Index /*head*/, Positions query_positions, Positions key_positions,
+                                 ConstTileRef<T> dout, TileRef<T> dscores) const {
+    if (values_ == ShawValues::none) return;
+    add_table_products(query_positions, key_positions, dout, value_table(), dscores);
+  }
+
+  /// dqueries.row(r) += Σ_c dscores(r, c) · a^K[kpos[c] − qpos[r]] (the gradient of the scaled
+  /// queries). dscores: [rows, cols]; dqueries: [rows, D].
+  void add_relative_query_gradient(Index /*head*/, Positions query_positions,
+                                   Positions key_positions, ConstTileRef<T> dscores,
+                                   TileRef<T> dqueries) const {
+    if (dscores.size() == 0) return;
+    const TableRange range = table_range(query_positions, key_positions);
+    dqueries.noalias() += run_sums(query_positions, key_positions, range, dscores) *
+                          key_table_.middleRows(range.first, range.count);
+  }
+
+  /// Adds the tile's share of ∂L/∂a^K (from dscores and the scaled queries) and ∂L/∂a^V (from
+  /// the weights and dout) to `gradient`.
+  void accumulate_relative_gradient(Index /*head*/, Positions query_positions,
+                                    Positions key_positions, ConstTileRef<T> scaled_queries,
+                                    ConstTileRef<T> dscores, ConstTileRef<T> weights,
+                                    ConstTileRef<T> dout, Gradient& gradient) const {
+    if (dscores.size() == 0) return;
+    const TableRange range = table_range(query_positions, key_positions);
+    gradient.key_table.middleRows(range.first, range.count).noalias() +=
+        run_sums(query_positions, key_positions, range, dscores).transpose() * scaled_queries;
+    if (values_ == ShawValues::none) return;
+    Matrix<T>& values = values_ == ShawValues::tied ? gradient.key_table : gradient.value_table;
+    values.middleRows(range.first, range.count).noalias() +=
+        run_sums(query_positions, key_positions, range, weights).transpose() * dout;
   }
 
  private:
@@ -182,6 +215,39 @@ class ShawRelative {
     Index first;
     Index count;
   };
+
+  /// tile(r, c) += x.row(r) · table[kpos[c] − qpos[r]] for x [rows, table width].
+  void add_table_products(Positions qpos, Positions kpos, ConstTileRef<T> x, const Matrix<T>& table,
+                          TileRef<T> tile) const {
+    if (tile.size() == 0) return;
+    const TableRange range = table_range(qpos, kpos);
+    // products[r, t] = x_r · table[first + t]
+    const Matrix<T> products = x * table.middleRows(range.first, range.count).transpose();
+    for_each_run(qpos, kpos, range, [&](Index r, Index c, Index length, Index t, bool constant) {
+      auto segment = tile.row(r).segment(c, length);
+      if (constant) {
+        segment.array() += products(r, t);
+      } else {
+        segment += products.row(r).segment(t, length);
+      }
+    });
+  }
+
+  /// sums[r, t] = Σ of the entries of row r of `tile` whose relative position reads table row
+  /// range.first + t.
+  Matrix<T> run_sums(Positions qpos, Positions kpos, const TableRange& range,
+                     ConstTileRef<T> tile) const {
+    Matrix<T> sums = Matrix<T>::Zero(tile.rows(), range.count);
+    for_each_run(qpos, kpos, range, [&](Index r, Index c, Index length, Index t, bool constant) {
+      const auto segment = tile.row(r).segment(c, length);
+      if (constant) {
+        sums(r, t) += segment.sum();
+      } else {
+        sums.row(r).segment(t, length) += segment;
+      }
+    });
+    return sums;
+  }
 
   TableRange table_range(Positions qpos, Positions kpos) const {
     const auto [qmin, qmax] = std::minmax_element(qpos.begin(), qpos.end());

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
 // Sinusoidal stochastic positional encoding (sineSPE): queries and keys are filtered from width D
 // to R random realizations of a stationary process, so that E[q̂_m·k̂_n] depends on m − n only.
-// A QueryKeyTransform for the softmax kernel and for linear attention.
+// A QueryKeyTransform for the softmax kernel and for linear attention, trainable (its backward
+// gives dq, dk and the gradients of the frequencies, offsets, gains and gate).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -13,6 +15,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/random.hpp"
+#include "posenc/detail/scratch.hpp"
 #include "posenc/encoders/spe_common.hpp"
 #include "posenc/encoders/spe_gate.hpp"
 #include "posenc/encoding.hpp"
@@ -78,6 +81,25 @@ struct SineSpeDraw {
   }
 };
 
+/// The gradient of sineSPE's learnable parameters (SineSpe::Gradient), laid out like
+/// SineSpeParameters: frequencies, offsets, gains [H, D, K] (the reference's freqs, offsets,
+/// gains), and gate [H, D] like SpeGate::gate() (empty when ungated). The draws are constants.
+template <class Real>
+struct SineSpeGradient {
+  Heads<Real> frequencies;
+  Heads<Real> offsets;
+  Heads<Real> gains;
+  Matrix<Real> gate;
+
+  SineSpeGradient& operator+=(const SineSpeGradient& other) {
+    detail::add_gradient(frequencies, other.frequencies);
+    detail::add_gradient(offsets, other.offsets);
+    detail::add_gradient(gains, other.gains);
+    detail::add_gradient(gate, other.gate);
+    return *this;
+  }
+};
+
 /// Sinusoidal stochastic positional encoding (Liutkus, Cífka, Wu, Şimşekli, Yang & Richard 2021,
 /// "Relative Positional Encoding for Transformers with Linear Complexity", ICML, arXiv
 /// 2105.08399; aliutkus/spe `SineSPE` + `SPEFilter`):
@@ -93,9 +115,13 @@ struct SineSpeDraw {
 /// Shapes: parameters [H, D, K]; draw [H, D·2K, R]; transform_queries/keys map a tile
 /// in [rows, D] at absolute positions (any int64; position 0 is the reference's first index) to
 /// out [rows, R]. Codes are never materialised as [L, H, D, R]: per tile,
-/// q̂ = [q ⊙ Ω(m)]·W_h with W_h = λZ/(sqrt(2K)(RD)^(1/4)) a [D·2K, R] matrix (plus the gate's
-/// [D, R] noise rows when gated). The draw is held by value: one draw serves a whole sequence,
-/// every decoding step included.
+/// q̂ = [q ⊙ λ·Ω(m)]·Z_h/(sqrt(2K)(RD)^(1/4)), a product with a [D·2K, R] matrix (plus the
+/// gate's [D, R] noise rows when gated). The draw is held by value: one draw serves a whole
+/// sequence, every decoding step included.
+///
+/// Training (LearnableTransform): transform_queries_backward / transform_keys_backward give
+/// din = Jᵀ·dout and add the gradients of frequencies, offsets (query side), gains and the gate
+/// to a Gradient (zero_gradient()), O(rows·D·K·R) per tile with per-thread scratch buffers.
 ///
 /// With softmax attention keep the kernel's default scale 1/sqrt(R) (the temperature the
 /// reference's Performer uses): the scaled logit then has expectation
@@ -104,11 +130,12 @@ struct SineSpeDraw {
 /// The stage members (transform_queries/keys, filter_queries/keys, query_code/key_code,
 /// validate) come from detail::SpeStages over the private tile filter.
 template <class Real>
-class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
+class SineSpe : public detail::SpeStages<SineSpe<Real>, Real, SineSpeGradient<Real>> {
  public:
   static constexpr const char* name = "posenc::SineSpe";
 
   using Scalar = Real;
+  using Gradient = SineSpeGradient<Real>;
 
   SineSpe(SineSpeParameters<Real> parameters, const SineSpeDraw<Real>& draw,
           std::optional<SpeGate<Real>> gate = std::nullopt)
@@ -144,36 +171,44 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
                       gate_->realizations(), "] but the codes are [", heads_, ", ", dim_, ", ",
                       realizations_, "]");
     }
-    // Per head: cycles per position, phase offsets, and the code matrix W_h.
+    // Per head and (d, k): cycles per position, phase offsets, one position's rotation, the
+    // factor code weight·λ on the features, the slopes the backward needs; and the noise basis.
     const Index columns = 2 * sines_;
+    const Index dk = dim_ * sines_;
     const double scale = 1.0 / (std::sqrt(static_cast<double>(columns)) *
                                 std::pow(static_cast<double>(realizations_ * dim_), 0.25));
-    frequency_.resize(heads_, dim_ * sines_);
-    step_cos_.resize(heads_, dim_ * sines_);
-    step_sin_.resize(heads_, dim_ * sines_);
-    offset_.resize(heads_, dim_ * sines_);
-    weights_.resize(static_cast<std::size_t>(heads_));
+    for (Matrix<double>* m : {&frequency_, &offset_, &step_cos_, &step_sin_, &factor_, &gain_,
+                              &gain_slope_, &angular_slope_}) {
+      m->resize(heads_, dk);
+    }
+    code_weight_.resize(heads_, dim_);
+    noise_weight_.resize(heads_, dim_);
+    basis_.resize(static_cast<std::size_t>(heads_));
     for (Index h = 0; h < heads_; ++h) {
-      Matrix<Real>& w = weights_[static_cast<std::size_t>(h)];
-      w.resize(dim_ * columns + (gate_ ? dim_ : 0), realizations_);
+      Matrix<Real>& basis = basis_[static_cast<std::size_t>(h)];
+      basis.resize(dim_ * columns + (gate_ ? dim_ : 0), realizations_);
+      basis.topRows(dim_ * columns) = z.head(h) * static_cast<Real>(scale);
+      if (gate_) {
+        basis.bottomRows(dim_) = gate_->noise().head(h) * static_cast<Real>(gate_->noise_scale());
+      }
       for (Index d = 0; d < dim_; ++d) {
-        const double code_weight = gate_ ? gate_->code_weight(h, d) : 1.0;
+        code_weight_(h, d) = gate_ ? gate_->code_weight(h, d) : 1.0;
+        noise_weight_(h, d) = gate_ ? gate_->noise_weight(h, d) : 0.0;
         for (Index k = 0; k < sines_; ++k) {
-          frequency_(h, d * sines_ + k) =
-              detail::sigmoid(static_cast<double>(parameters_.frequencies(h, d, k))) / 2.0;
-          offset_(h, d * sines_ + k) = static_cast<double>(parameters_.offsets(h, d, k));
-          step_cos_(h, d * sines_ + k) =
-              std::cos(2.0 * std::numbers::pi * frequency_(h, d * sines_ + k));
-          step_sin_(h, d * sines_ + k) =
-              std::sin(2.0 * std::numbers::pi * frequency_(h, d * sines_ + k));
-          const double gain = detail::softplus(static_cast<double>(parameters_.gains(h, d, k)));
-          for (Index c = 2 * k; c < 2 * k + 2; ++c) {
-            const Index row = d * columns + c;
-            w.row(row) = z.head(h).row(row) * static_cast<Real>(code_weight * gain * scale);
-          }
+          const Index j = d * sines_ + k;
+          const double sigma =
+              detail::sigmoid(static_cast<double>(parameters_.frequencies(h, d, k)));
+          frequency_(h, j) = sigma / 2.0;
+          angular_slope_(h, j) = std::numbers::pi * sigma * (1.0 - sigma);  // d(2πf)/dfrequencies
+          offset_(h, j) = static_cast<double>(parameters_.offsets(h, d, k));
+          step_cos_(h, j) = std::cos(2.0 * std::numbers::pi * frequency_(h, j));
+          step_sin_(h, j) = std::sin(2.0 * std::numbers::pi * frequency_(h, j));
+          const double raw_gain = static_cast<double>(parameters_.gains(h, d, k));
+          gain_(h, j) = detail::softplus(raw_gain);
+          gain_slope_(h, j) = detail::sigmoid(raw_gain);  // softplus'
+          factor_(h, j) = code_weight_(h, d) * gain_(h, j);
         }
       }
-      if (gate_) w.bottomRows(dim_) = gate_->noise_code(h);
     }
   }
 
@@ -190,6 +225,13 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
   const SineSpeParameters<Real>& parameters() const { return parameters_; }
   /// The gate, or nullptr when ungated.
   const SpeGate<Real>* gate() const { return gate_ ? &*gate_ : nullptr; }
+
+  /// A gradient of zeros: frequencies, offsets, gains [H, D, K]; gate [H, D] when gated.
+  Gradient zero_gradient() const {
+    return {Heads<Real>(heads_, dim_, sines_), Heads<Real>(heads_, dim_, sines_),
+            Heads<Real>(heads_, dim_, sines_),
+            gate_ ? Matrix<Real>(Matrix<Real>::Zero(heads_, dim_)) : Matrix<Real>()};
+  }
 
   /// P̃_d(lag) = (1/2K) Σ_k λ²_dk cos(2π f_dk·lag + θ_dk) for d = 0 … D−1 (ungated), so that
   /// E[Q̄_m·K̄_n] per feature is sqrt(R/D)·P̃_d(m − n). The reference's get_posattn_matrix is
@@ -208,7 +250,7 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
   }
 
  private:
-  friend class detail::SpeStages<SineSpe<Real>, Real>;
+  friend class detail::SpeStages<SineSpe<Real>, Real, Gradient>;
 
   /// The seeded constructor's arguments, checked under its name before anything is sampled.
   static void check_seeded(const SineSpeParameters<Real>& parameters, Index realizations,
@@ -241,53 +283,161 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
     return query ? angle + offset_(head, dk) : angle;
   }
 
-  /// Row r of x: [q ⊙ (cos, sin) per (d, k)] and, gated, q itself. For runs of consecutive
-  /// positions the phases advance by rotation (one complex multiply per row and sine), anchored
-  /// by exact cos/sin every anchor rows so that the rounding never accumulates over more than
-  /// anchor steps (~1e-14 relative); scattered positions use cos/sin per row.
-  template <class In>
-  void features(Index head, Positions positions, const In& in, bool query, Matrix<Real>& x) const {
+  /// cos and sin of the phases of the rows at `positions`, [rows, D·K] row-major in
+  /// ws.cosine and ws.sine. For runs of consecutive positions the phases advance by rotation (one
+  /// complex multiply per row and sine), anchored by exact cos/sin every anchor rows so that the
+  /// rounding never accumulates over more than anchor steps (~1e-14 relative); scattered
+  /// positions use cos/sin per row.
+  void phases(Index head, Positions positions, bool query, detail::SpeScratch<Real>& ws) const {
     constexpr Index anchor = 32;
-    const Index columns = 2 * sines_;
     const Index dk = dim_ * sines_;
-    x.resize(in.rows(), weights_[static_cast<std::size_t>(head)].rows());
-    Eigen::ArrayXd cosine(dk), sine(dk), rotated(dk);
-    const auto step_cos = step_cos_.row(head).array().transpose();
-    const auto step_sin = step_sin_.row(head).array().transpose();
-    for (Index r = 0; r < in.rows(); ++r) {
+    const auto rows = static_cast<Index>(positions.size());
+    double* cosine = detail::grow(ws.cosine, rows * dk);
+    double* sine = detail::grow(ws.sine, rows * dk);
+    const double* step_cos = step_cos_.row(head).data();
+    const double* step_sin = step_sin_.row(head).data();
+    for (Index r = 0; r < rows; ++r) {
       const Index position = positions[static_cast<std::size_t>(r)];
-      const bool advance =
-          r % anchor != 0 && position == positions[static_cast<std::size_t>(r - 1)] + 1;
-      if (advance) {
-        rotated = cosine * step_cos - sine * step_sin;
-        sine = sine * step_cos + cosine * step_sin;
-        cosine = rotated;
+      double* c = cosine + r * dk;
+      double* s = sine + r * dk;
+      if (r % anchor != 0 && position == positions[static_cast<std::size_t>(r - 1)] + 1) {
+        const double* previous_c = c - dk;
+        const double* previous_s = s - dk;
+        for (Index j = 0; j < dk; ++j) {
+          c[j] = previous_c[j] * step_cos[j] - previous_s[j] * step_sin[j];
+          s[j] = previous_s[j] * step_cos[j] + previous_c[j] * step_sin[j];
+        }
       } else {
         for (Index j = 0; j < dk; ++j) {
           const double angle = phase(head, j, position, query);
-          cosine[j] = std::cos(angle);
-          sine[j] = std::sin(angle);
+          c[j] = std::cos(angle);
+          s[j] = std::sin(angle);
         }
       }
-      for (Index d = 0; d < dim_; ++d) {
-        const double value = static_cast<double>(in(r, d));
-        for (Index k = 0; k < sines_; ++k) {
-          x(r, d * columns + 2 * k) = static_cast<Real>(value * cosine[d * sines_ + k]);
-          x(r, d * columns + 2 * k + 1) = static_cast<Real>(value * sine[d * sines_ + k]);
-        }
-      }
-      if (gate_) x.row(r).tail(dim_) = in.row(r);
     }
   }
 
+  /// out = x·basis_h with x row r = [q_d·code_weight_d·λ_dk·(cos, sin)_dk per (d, k)] and,
+  /// gated, q_d·noise_weight_d.
   void filter(Index head, Positions positions, ConstTileRef<Real> in, TileRef<Real> out,
               bool query) const {
     detail::check_spe_tile(
         query ? "posenc::SineSpe::transform_queries" : "posenc::SineSpe::transform_keys", head,
         positions, in, out, heads_, dim_, realizations_);
-    Matrix<Real> x;
-    features(head, positions, in, query, x);
-    out.noalias() = x * weights_[static_cast<std::size_t>(head)];
+    detail::ScratchLease<detail::SpeScratch<Real>> lease;
+    detail::SpeScratch<Real>& ws = lease.get();
+    const Matrix<Real>& basis = basis_[static_cast<std::size_t>(head)];
+    const Index rows = in.rows();
+    const Index dk = dim_ * sines_;
+    const Index columns = 2 * sines_;
+    phases(head, positions, query, ws);
+    auto x = detail::scratch_matrix(ws.features, rows, basis.rows());
+    for (Index r = 0; r < rows; ++r) {
+      const double* c = ws.cosine.data() + r * dk;
+      const double* s = ws.sine.data() + r * dk;
+      for (Index d = 0; d < dim_; ++d) {
+        const double value = static_cast<double>(in(r, d));
+        for (Index k = 0; k < sines_; ++k) {
+          const Index j = d * sines_ + k;
+          const double weighted = value * factor_(head, j);
+          x(r, d * columns + 2 * k) = static_cast<Real>(weighted * c[j]);
+          x(r, d * columns + 2 * k + 1) = static_cast<Real>(weighted * s[j]);
+        }
+        if (gate_) x(r, dim_ * columns + d) = static_cast<Real>(value * noise_weight_(head, d));
+      }
+    }
+    detail::product_in_blocks(out, x, basis, false);
+  }
+
+  /// din = Jᵀ·dout and, with a gradient, the parameters' share. With g = dout·basis_hᵀ
+  /// (a_dk, b_dk its cos and sin columns, e_d its gate column), per row:
+  ///   u = cos·a + sin·b = ∂L/∂(code_weight·λ) / q_d,   t = cos·b − sin·a = ∂L/∂φ / (q_d·cw·λ),
+  ///   din_d = Σ_k cw_d·λ_dk·u_dk + nw_d·e_d,
+  ///   ∂L/∂gains += q·cw·u·softplus'(gains),  ∂L/∂offsets += q·cw·λ·t (queries),
+  ///   ∂L/∂frequencies += q·cw·λ·t·position·d(2πf)/dfrequencies,
+  ///   ∂L/∂cw_d += Σ_k q·λ·u,  ∂L/∂nw_d += q·e  (→ the gate through SpeGate::gate_gradient).
+  void filter_backward(Index head, Positions positions, ConstTileRef<Real> in,
+                       ConstTileRef<Real> dout, TileRef<Real> din, Gradient* gradient,
+                       bool query) const {
+    detail::check_spe_backward_tile(query ? "posenc::SineSpe::transform_queries_backward"
+                                          : "posenc::SineSpe::transform_keys_backward",
+                                    head, positions, in, dout, din, heads_, dim_, realizations_);
+    if (gradient) check_gradient(*gradient);
+    detail::ScratchLease<detail::SpeScratch<Real>> lease;
+    detail::SpeScratch<Real>& ws = lease.get();
+    const Matrix<Real>& basis = basis_[static_cast<std::size_t>(head)];
+    const Index rows = in.rows();
+    const Index dk = dim_ * sines_;
+    const Index columns = 2 * sines_;
+    phases(head, positions, query, ws);
+    auto g = detail::scratch_matrix(ws.projections, rows, basis.rows());
+    detail::product_in_blocks(g, dout, basis.transpose(), false);
+    auto back = detail::scratch_matrix(ws.result, rows, dim_);
+    // Per-call sums in double: U, T, T·position per (d, k), then q·e per d.
+    double* sums = nullptr;
+    if (gradient) {
+      sums = detail::grow(ws.sums, 3 * dk + dim_);
+      std::fill(sums, sums + 3 * dk + dim_, 0.0);
+    }
+    for (Index r = 0; r < rows; ++r) {
+      const double* c = ws.cosine.data() + r * dk;
+      const double* s = ws.sine.data() + r * dk;
+      const auto position = static_cast<double>(positions[static_cast<std::size_t>(r)]);
+      for (Index d = 0; d < dim_; ++d) {
+        const double value = static_cast<double>(in(r, d));
+        double total = 0.0;
+        for (Index k = 0; k < sines_; ++k) {
+          const Index j = d * sines_ + k;
+          const auto a = static_cast<double>(g(r, d * columns + 2 * k));
+          const auto b = static_cast<double>(g(r, d * columns + 2 * k + 1));
+          const double u = c[j] * a + s[j] * b;
+          total += factor_(head, j) * u;
+          if (sums) {
+            const double t = c[j] * b - s[j] * a;
+            sums[j] += value * u;
+            sums[dk + j] += value * t;
+            sums[2 * dk + j] += value * t * position;
+          }
+        }
+        if (gate_) {
+          const auto e = static_cast<double>(g(r, dim_ * columns + d));
+          total += noise_weight_(head, d) * e;
+          if (sums) sums[3 * dk + d] += value * e;
+        }
+        back(r, d) = static_cast<Real>(total);
+      }
+    }
+    din = back;
+    if (!gradient) return;
+    for (Index d = 0; d < dim_; ++d) {
+      double d_code_weight = 0.0;
+      for (Index k = 0; k < sines_; ++k) {
+        const Index j = d * sines_ + k;
+        gradient->gains(head, d, k) +=
+            static_cast<Real>(code_weight_(head, d) * gain_slope_(head, j) * sums[j]);
+        gradient->frequencies(head, d, k) +=
+            static_cast<Real>(factor_(head, j) * angular_slope_(head, j) * sums[2 * dk + j]);
+        if (query) {
+          gradient->offsets(head, d, k) += static_cast<Real>(factor_(head, j) * sums[dk + j]);
+        }
+        d_code_weight += gain_(head, j) * sums[j];
+      }
+      if (gate_) {
+        gradient->gate(head, d) +=
+            static_cast<Real>(gate_->gate_gradient(head, d, d_code_weight, sums[3 * dk + d]));
+      }
+    }
+  }
+
+  /// Rejects a gradient not shaped like zero_gradient() (e.g. default-constructed).
+  void check_gradient(const Gradient& g) const {
+    const auto shaped = [&](const Heads<Real>& x) {
+      return x.heads() == heads_ && x.rows() == dim_ && x.dim() == sines_;
+    };
+    detail::require(
+        shaped(g.frequencies) && shaped(g.offsets) && shaped(g.gains) &&
+            g.gate.rows() == (gate_ ? heads_ : 0) && g.gate.cols() == (gate_ ? dim_ : 0),
+        "posenc::SineSpe::transform_backward", "the gradient must be shaped like zero_gradient()");
   }
 
   SineSpeParameters<Real> parameters_;
@@ -296,11 +446,17 @@ class SineSpe : public detail::SpeStages<SineSpe<Real>, Real> {
   Matrix<double> frequency_;            // [H, D·K] cycles per position
   Matrix<double> offset_;               // [H, D·K] θ
   Matrix<double> step_cos_, step_sin_;  // [H, D·K] cos, sin of 2π·f (one position's rotation)
-  std::vector<Matrix<Real>> weights_;   // per head [D·2K (+D gated), R]
+  Matrix<double> factor_, gain_;        // [H, D·K] code weight·λ, and λ = softplus(gains)
+  Matrix<double> gain_slope_;           // [H, D·K] softplus'(gains) = sigmoid(gains)
+  Matrix<double> angular_slope_;        // [H, D·K] d(2π·f)/dfrequencies = π·σ(1 − σ)
+  Matrix<double> code_weight_, noise_weight_;  // [H, D] the gate's weights (1 and 0 ungated)
+  std::vector<Matrix<Real>> basis_;  // per head [D·2K (+D gated), R]: Z/(sqrt(2K)(RD)^(1/4)), ε
 };
 
 static_assert(QueryKeyTransform<SineSpe<float>>);
 static_assert(QueryKeyTransform<SineSpe<double>>);
+static_assert(LearnableTransform<SineSpe<float>>);
+static_assert(LearnableTransform<SineSpe<double>>);
 
 /// Closed-form E[q̂_m·k̂_n] over the draws for these parameters (and gate):
 /// sqrt(R/D)·Σ_d q_md k_nd·P̃_d(m − n), gated (1 − σ_d)·P̃_d + σ_d (PyTorch convention).

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
-// What sineSPE and convSPE share: argument checks, the QueryKeyTransform stage over a tile filter,
-// filtering whole [H, N, D] tensors to [H, N, R], and the closed-form expectation E[q̂_m·k̂_n]
-// from a per-feature lag kernel.
+// What sineSPE and convSPE share: argument checks, the QueryKeyTransform stage and its backward
+// over a tile filter, the per-thread tile buffers, filtering whole [H, N, D] tensors to
+// [H, N, R], and the closed-form expectation E[q̂_m·k̂_n] from a per-feature lag kernel.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +12,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/parallel.hpp"
+#include "posenc/detail/scratch.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
 
@@ -61,6 +62,72 @@ void check_spe_tile(const char* fn, Index head, Positions positions, const In& i
           " positions for ", in.rows(), " rows");
 }
 
+/// Checks one tile of transform_queries_backward / transform_keys_backward: in and din
+/// [rows, D], dout [rows, R].
+template <class In, class DOut, class DIn>
+void check_spe_backward_tile(const char* fn, Index head, Positions positions, const In& in,
+                             const DOut& dout, const DIn& din, Index heads, Index dim,
+                             Index realizations) {
+  check_spe_tile(fn, head, positions, in, dout, heads, dim, realizations);
+  require(din.rows() == in.rows() && din.cols() == dim, fn, "din must be [", in.rows(),
+          ", D = ", dim, "], got [", din.rows(), ", ", din.cols(), "]");
+}
+
+/// The per-thread tile buffers of the SPE stages (leased through ScratchLease, grown once per
+/// thread, so that a steady-state forward or backward tile allocates nothing). Eigen vectors, so
+/// that every thread's buffers have the same alignment: Eigen's vectorised reductions peel by
+/// address, and the results must not depend on the thread count.
+template <class Real>
+struct SpeScratch {
+  Vector<Real> features, projections, result, noise, codes;
+  Vector<double> cosine, sine, sums;
+};
+
+/// A rows × cols row-major matrix over a scratch buffer grown to fit.
+template <class T>
+Eigen::Map<Matrix<T>> scratch_matrix(Vector<T>& buffer, Index rows, Index cols) {
+  return Eigen::Map<Matrix<T>>(grow(buffer, rows * cols), rows, cols);
+}
+
+/// dst = lhs·rhs (dst += lhs·rhs with `accumulate`) in blocks of at most 128 rows, 64 inner and
+/// 128 output columns: Eigen's GEMM then packs its operands on the stack (at most 64 KiB each in
+/// double, under EIGEN_STACK_ALLOCATION_LIMIT), never on the heap, whatever D, K or R are.
+template <class Dst, class Lhs, class Rhs>
+void product_in_blocks(Dst&& dst, const Lhs& lhs, const Rhs& rhs, bool accumulate) {
+  constexpr Index row_block = 128, inner_block = 64, column_block = 128;
+  if (!accumulate) dst.setZero();
+  for (Index i = 0; i < lhs.rows(); i += row_block) {
+    const Index rows = std::min(row_block, lhs.rows() - i);
+    for (Index k = 0; k < lhs.cols(); k += inner_block) {
+      const Index inner = std::min(inner_block, lhs.cols() - k);
+      for (Index j = 0; j < rhs.cols(); j += column_block) {
+        const Index columns = std::min(column_block, rhs.cols() - j);
+        dst.block(i, j, rows, columns).noalias() +=
+            lhs.block(i, k, rows, inner) * rhs.block(k, j, inner, columns);
+      }
+    }
+  }
+}
+
+/// a += b for one member of a parameter gradient; an empty `a` (a default-constructed
+/// gradient) takes b's shape.
+template <class Real>
+void add_gradient(Heads<Real>& a, const Heads<Real>& b) {
+  if (a.flat().size() == 0 && b.flat().size() != 0) a = Heads<Real>(b.heads(), b.rows(), b.dim());
+  require(a.heads() == b.heads() && a.rows() == b.rows() && a.dim() == b.dim(),
+          "posenc::SpeGradient::operator+=", "gradients of different shapes: [", a.heads(), ", ",
+          a.rows(), ", ", a.dim(), "] and [", b.heads(), ", ", b.rows(), ", ", b.dim(), "]");
+  a.flat() += b.flat();
+}
+template <class Real>
+void add_gradient(Matrix<Real>& a, const Matrix<Real>& b) {
+  if (a.size() == 0 && b.size() != 0) a = Matrix<Real>::Zero(b.rows(), b.cols());
+  require(a.rows() == b.rows() && a.cols() == b.cols(),
+          "posenc::SpeGradient::operator+=", "gate gradients of different shapes: [", a.rows(),
+          ", ", a.cols(), "] and [", b.rows(), ", ", b.cols(), "]");
+  a += b;
+}
+
 /// Filters every row of x [H, N, D] (row i at first_position + i) to [H, N, R] with the
 /// encoder's transform_queries (queries) or transform_keys, in blocks over (head, rows).
 template <class Spe, class X>
@@ -99,9 +166,11 @@ Heads<typename Spe::Scalar> filter_heads(const char* fn, const Spe& spe, const X
 }
 
 /// The stage interface of an SPE encoder, written once over the encoder's tile filter
-/// `filter(head, positions, in [rows, D], out [rows, R], query)` (a private member; the encoder
-/// befriends this base) and its `heads()`, `dim()`, `realizations()` and `name`.
-template <class Spe, class Real>
+/// `filter(head, positions, in [rows, D], out [rows, R], query)` and its backward
+/// `filter_backward(head, positions, in, dout [rows, R], din [rows, D], Gradient*, query)`
+/// (private members; the encoder befriends this base) and its `heads()`, `dim()`,
+/// `realizations()` and `name`.
+template <class Spe, class Real, class Gradient>
 class SpeStages {
  public:
   /// The width of q̂ and k̂: R, whatever D.
@@ -121,6 +190,33 @@ class SpeStages {
   void transform_keys(Index head, Positions positions, Index /*centre*/, ConstTileRef<Real> in,
                       TileRef<Real> out) const {
     self().filter(head, positions, in, out, false);
+  }
+
+  /// Backward (DifferentiableTransform): din [rows, D] = Jᵀ·dout for dout = ∂L/∂out [rows, R]
+  /// of transform_queries(head, positions, centre, in, out). The filter is linear in `in`, so din
+  /// row r is Q̄(positions[r])·dout_r; the draws are constants.
+  void transform_queries_backward(Index head, Positions positions, Index /*centre*/,
+                                  ConstTileRef<Real> in, ConstTileRef<Real> dout,
+                                  TileRef<Real> din) const {
+    self().filter_backward(head, positions, in, dout, din, nullptr, true);
+  }
+  /// din [rows, D] = Jᵀ·dout for transform_keys.
+  void transform_keys_backward(Index head, Positions positions, Index /*centre*/,
+                               ConstTileRef<Real> in, ConstTileRef<Real> dout,
+                               TileRef<Real> din) const {
+    self().filter_backward(head, positions, in, dout, din, nullptr, false);
+  }
+  /// As above, and adds Σ_rows dout·∂out/∂θ to `gradient` for every parameter θ (the
+  /// encoder's parameters and, gated, the gate) (LearnableTransform).
+  void transform_queries_backward(Index head, Positions positions, Index /*centre*/,
+                                  ConstTileRef<Real> in, ConstTileRef<Real> dout, TileRef<Real> din,
+                                  Gradient& gradient) const {
+    self().filter_backward(head, positions, in, dout, din, &gradient, true);
+  }
+  void transform_keys_backward(Index head, Positions positions, Index /*centre*/,
+                               ConstTileRef<Real> in, ConstTileRef<Real> dout, TileRef<Real> din,
+                               Gradient& gradient) const {
+    self().filter_backward(head, positions, in, dout, din, &gradient, false);
   }
 
   /// q̂ for a whole tensor q [H, N, D] (row i at first_position + i) → [H, N, R].

@@ -48,7 +48,7 @@ class SpeGate {
                     noise_.dim());
     detail::require(gate_.allFinite() && noise_.flat().allFinite(), fn,
                     "gate and noise must be finite");
-    const double scale = std::pow(static_cast<double>(dim() * realizations()), -0.25);
+    const double scale = noise_scale();
     noise_code_.resize(static_cast<std::size_t>(heads()));
     for (Index h = 0; h < heads(); ++h) {
       Matrix<Real>& code = noise_code_[static_cast<std::size_t>(h)];
@@ -91,6 +91,23 @@ class SpeGate {
   }
   /// The noise part of head h's code, [D, R]: noise_weight(h, d)·ε[h, d, r].
   const Matrix<Real>& noise_code(Index h) const { return noise_code_[static_cast<std::size_t>(h)]; }
+  /// The factor (D·R)^(−1/4) of ε = noise·(D·R)^(−1/4).
+  double noise_scale() const {
+    return std::pow(static_cast<double>(dim() * realizations()), -0.25);
+  }
+
+  /// Backward: ∂L/∂gate[h, d] given ∂L/∂code_weight(h, d) and ∂L/∂noise_weight(h, d). With
+  /// σ' = σ(1 − σ): d sqrt(1 − σ)/dgate = −σ·sqrt(1 − σ)/2 and d sqrt(σ)/dgate = (1 − σ)·sqrt(σ)/2
+  /// (the roles swap with the JAX convention).
+  double gate_gradient(Index h, Index d, double d_code_weight, double d_noise_weight) const {
+    const double s = sigma(h, d);
+    const double code = code_weight(h, d);
+    const double noise = noise_weight(h, d);
+    if (convention_ == SpeGateConvention::pytorch) {
+      return 0.5 * (-s * code * d_code_weight + (1.0 - s) * noise * d_noise_weight);
+    }
+    return 0.5 * ((1.0 - s) * code * d_code_weight - s * noise * d_noise_weight);
+  }
 
  private:
   Matrix<Real> gate_;

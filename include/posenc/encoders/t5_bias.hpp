@@ -80,6 +80,7 @@ inline Index t5_bucket(Index relative_position, const T5BucketOptions& options) 
 ///   (91 for the defaults) are tabulated on construction; a tile then costs one lookup per
 ///   distinct distance and one add per element. Matches golden
 ///   t5_buckets.json (601 relative positions × 15 configurations, bucket matrices, bias lookup).
+/// - Training: Gradient::table, [num_buckets, heads] in T (accumulate_bias_gradient).
 /// - Example: examples/relative_biases.cpp.
 template <class T>
 class T5RelativeBias {
@@ -146,6 +147,40 @@ class T5RelativeBias {
         });
   }
 
+  /// ∂L/∂table, [num_buckets, heads] like table() (HasLearnableParameters).
+  struct Gradient {
+    Matrix<T> table;
+    Gradient& operator+=(const Gradient& other) {
+      table += other.table;
+      return *this;
+    }
+  };
+  Gradient zero_gradient() const { return {Matrix<T>::Zero(table_.rows(), table_.cols())}; }
+
+  /// Adds Σ_{r,c} dbias(r, c)·∂B_h/∂table to gradient.table (LearnableScoreBias): ∂B_h(i, j) /
+  /// ∂table[b][h'] = [b = bucket(j − i)]·[h' = h], so d_table[bucket(j − i)][head] += dbias.
+  /// dbias is reduced to one sum per distance (in double); a run of consecutive distances in one
+  /// bucket (most of them, beyond the exact range) is summed in double and added once.
+  /// Unchecked head and shapes.
+  void accumulate_bias_gradient(Index head, Positions query_positions, Positions key_positions,
+                                ConstTileRef<T> dbias, Gradient& gradient) const {
+    detail::reduce_distance_gradient<T>(
+        query_positions, key_positions, dbias, [&](Index top, Index count, const double* sums) {
+          Index bucket_of_run = tabulated_bucket(-top);
+          double run = 0.0;
+          for (Index m = 0; m < count; ++m) {  // relative position j − i = m − top
+            const Index b = tabulated_bucket(m - top);
+            if (b != bucket_of_run) {
+              gradient.table(bucket_of_run, head) += static_cast<T>(run);
+              bucket_of_run = b;
+              run = 0.0;
+            }
+            run += sums[m];
+          }
+          gradient.table(bucket_of_run, head) += static_cast<T>(run);
+        });
+  }
+
  private:
   /// Relative positions tabulated at most, per side (beyond a saturated reach, buckets repeat).
   static constexpr Index max_reach = 4096;
@@ -202,5 +237,7 @@ class T5RelativeBias {
 static_assert(DistanceBias<T5RelativeBias<float>>);
 static_assert(ScoreBias<T5RelativeBias<float>>);
 static_assert(ScoreBias<T5RelativeBias<double>>);
+static_assert(LearnableScoreBias<T5RelativeBias<float>>);
+static_assert(LearnableScoreBias<T5RelativeBias<double>>);
 
 }  // namespace posenc

@@ -34,7 +34,7 @@ namespace posenc {
 ///                   leaves the Scalar's normal range, and transform_queries / transform_keys
 ///                   (so attention and KvCache) throw std::invalid_argument.
 ///   torchscale(T)   fixed(ceil(T/2)): microsoft/torchscale's centring for a call covering T
-///                   positions (reproduces golden/xpos_rotate.json and xpos_attention.json).
+///                   positions (reproduces tests/data/xpos_rotate.json and xpos_attention.json).
 struct XPosCentring {
   std::optional<Index> centre;  // empty: tile
 
@@ -75,7 +75,8 @@ struct XPosOptions {
 ///   fixed centre every row must lie within fixed_centre_range() of it (std::invalid_argument
 ///   otherwise, rather than factors that overflow or flush to 0 and give NaN or wrong logits).
 /// - Angles and decays are formed in double and cast last.
-/// - Matches golden/xpos_rotate.json and xpos_attention.json (with XPosCentring::torchscale) and,
+/// - Matches tests/data/xpos_rotate.json and xpos_attention.json (with XPosCentring::torchscale)
+/// and,
 ///   with Mask::blockwise_causal, bca.json. Example: examples/kv_cache_decoding.cpp.
 template <class ScalarType>
 class XPosEncoding {
@@ -162,6 +163,22 @@ class XPosEncoding {
           options_.centring.centre.value_or(centre), Scalar(-1), in, out);
   }
 
+  /// Backward (DifferentiableTransform): out = G·R·in with G the diagonal gains ζ^(±(p − c)/
+  /// scale_base), so din = Rᵀ·G·dout, the transposed rotation with the same gains. `in` is not
+  /// needed.
+  void transform_queries_backward(Index /*head*/, Positions positions, Index centre,
+                                  ConstTileRef<Scalar> /*in*/, ConstTileRef<Scalar> dout,
+                                  TileRef<Scalar> din) const {
+    apply<true>("posenc::XPosEncoding::transform_queries_backward", positions,
+                options_.centring.centre.value_or(centre), Scalar(1), dout, din);
+  }
+  void transform_keys_backward(Index /*head*/, Positions positions, Index centre,
+                               ConstTileRef<Scalar> /*in*/, ConstTileRef<Scalar> dout,
+                               TileRef<Scalar> din) const {
+    apply<true>("posenc::XPosEncoding::transform_keys_backward", positions,
+                options_.centring.centre.value_or(centre), Scalar(-1), dout, din);
+  }
+
   /// With a fixed centre, keys do not depend on the kernel's centre: a KvCache may store them
   /// transformed.
   bool keys_ignore_centre() const { return options_.centring.centre.has_value(); }
@@ -234,6 +251,7 @@ class XPosEncoding {
     }
   }
 
+  template <bool Transposed = false>
   void apply(const char* fn, Positions positions, Index centre, Scalar sign,
              ConstTileRef<Scalar> in, TileRef<Scalar> out) const {
     detail::require(in.cols() == head_dim_ && out.cols() == head_dim_ && out.rows() == in.rows(),
@@ -256,9 +274,9 @@ class XPosEncoding {
       }
       const Scalar* cs = rotation_->row(n, scratch);
       const Scalar* gain = decay_->row(offset, scratch == nullptr ? nullptr : scratch + head_dim_);
-      detail::rotate_row<Scalar>(interleaved, pairs, head_dim_, cs, gain,
-                                 in.data() + r * in.outerStride(),
-                                 out.data() + r * out.outerStride());
+      detail::rotate_row<Scalar, Transposed>(interleaved, pairs, head_dim_, cs, gain,
+                                             in.data() + r * in.outerStride(),
+                                             out.data() + r * out.outerStride());
     }
   }
 

@@ -137,11 +137,13 @@ void read_state(const Map& map, const LinearAttentionHeadState<Scalar>& s,
   }
 }
 
-/// One causal chunk: rows attend to the state (all earlier chunks) and to the chunk's own keys
-/// j <= i; then the chunk's keys join the state. Query/key features are in the workspace.
+/// The numerator and denominator of one causal chunk: rows attend to the state (all earlier
+/// chunks) and to the chunk's own keys j <= i, whose weights are left in ws.weights (zero above
+/// the diagonal; for Favor also ws.prefix_max, the stabiliser c_i of each row, and
+/// ws.feature_sum). Query/key features are in the workspace; the state is not changed.
 template <class Scalar, class Map, class Values>
-void causal_chunk(const Map& map, const Values& values, LinearWorkspace<Scalar>& ws,
-                  LinearAttentionHeadState<Scalar>& s) {
+void causal_chunk_sums(const Map& map, const Values& values, LinearWorkspace<Scalar>& ws,
+                       const LinearAttentionHeadState<Scalar>& s) {
   const auto& qf = ws.query_features;
   const Index rows = qf.rows();
   ws.weights.noalias() = qf * ws.key_features.transpose();
@@ -181,6 +183,13 @@ void causal_chunk(const Map& map, const Values& values, LinearWorkspace<Scalar>&
     }
   }
   ws.denominator += ws.weights.rowwise().sum();
+}
+
+/// One causal chunk: causal_chunk_sums, then the chunk's keys join the state.
+template <class Scalar, class Map, class Values>
+void causal_chunk(const Map& map, const Values& values, LinearWorkspace<Scalar>& ws,
+                  LinearAttentionHeadState<Scalar>& s) {
+  causal_chunk_sums(map, values, ws, s);
   absorb_keys(map, values, ws, s);
 }
 

@@ -84,6 +84,10 @@ struct ResultSink {
   HeadsView<Scalar> output;
   Matrix<Scalar>* row_max = nullptr;  // partial mode when non-null
   Matrix<Scalar>* row_sum = nullptr;
+  // Normalised mode: when non-null, lse[h·lse_stride + r] = row_max + log(row_sum), the row
+  // log-sum-exp of the final logits (−inf for a row with no allowed key), for the backward.
+  Scalar* lse = nullptr;
+  Index lse_stride = 0;
 
   template <class HasAllowedKey>
   void write(Index h, Index first, const OnlineSoftmax<Scalar>& state,
@@ -97,18 +101,30 @@ struct ResultSink {
       row_sum->row(h).segment(first, state.row_sum.size()) = state.row_sum.transpose();
       for (Index r = 0; r < out.rows(); ++r) {
         const Scalar max = state.row_max[r];
-        if (std::isnan(max) || (max == minus_infinity && has_allowed_key(first + r))) {
+        if (std::isnan(max)) {  // a NaN score: the whole row is NaN
           (*row_sum)(h, first + r) = nan;
           out.row(r).setConstant(nan);
+        } else if (max == minus_infinity && has_allowed_key(first + r)) {
+          // Allowed keys that all score −inf: row_sum NaN (0/0), which a merge with a finite
+          // side ignores (weight 0). The output keeps 0 · v of those keys: NaN exactly in the
+          // columns where one of them has a non-finite value, which a merge still carries.
+          (*row_sum)(h, first + r) = nan;
         }
       }
       return;
     }
     for (Index r = 0; r < out.rows(); ++r) {
-      if (state.row_max[r] == minus_infinity) {
-        out.row(r).setConstant(has_allowed_key(first + r) ? nan : Scalar(0));
+      const bool empty = state.row_max[r] == minus_infinity;
+      const bool nothing_allowed = empty && !has_allowed_key(first + r);
+      if (empty) {
+        out.row(r).setConstant(nothing_allowed ? Scalar(0) : nan);
       } else {
         out.row(r) = state.output.row(r) / state.row_sum[r];
+      }
+      if (lse != nullptr) {
+        lse[h * lse_stride + first + r] = nothing_allowed ? minus_infinity
+                                          : empty         ? nan
+                                                  : state.row_max[r] + std::log(state.row_sum[r]);
       }
     }
   }

@@ -122,12 +122,20 @@ void finish_tile(const AttentionProblem<Scalar>& p, const Encoder& encoder, Inde
     }
     apply_mask<Scalar>(p.mask, qpos, kpos, p.key_positions.empty(), qseg, kseg, scores);
   }
-  if (!state.absorb(scores)) return;
   const Index kv_head = p.kv_head(h);
-  // Masked columns inside a row's span carry weight 0, and 0 · NaN is NaN: on partial tiles whose
-  // mask is not one column interval per row (segments, explicit key positions) with a non-finite
-  // value, read only the allowed keys (README, "Non-finite values").
-  if (coverage == TileCoverage::partial && (p.has_segments() || !p.key_positions.empty()) &&
+  if (!state.absorb(scores)) {
+    // Every score of the tile is −inf: the allowed keys get weight 0, which still turns a
+    // non-finite value into NaN (0 · Inf), as the oracle gives; finite values add nothing.
+    if (!p.v.head(kv_head).middleRows(key_first, scores.cols()).allFinite()) {
+      accumulate_allowed_values(p, kv_head, query_first, key_first, scores, state);
+    }
+    return;
+  }
+  // Masked columns carry weight 0, and 0 · NaN is NaN: the P·V micro-kernel reads, for a block of
+  // rows, the union of their allowed columns (and, with segments or explicit key positions, every
+  // column), so on a partial tile with a non-finite value read only each row's allowed keys
+  // (README, "Non-finite values").
+  if (coverage == TileCoverage::partial &&
       !p.v.head(kv_head).middleRows(key_first, scores.cols()).allFinite()) {
     accumulate_allowed_values(p, kv_head, query_first, key_first, scores, state);
   } else {
