@@ -24,23 +24,13 @@
 #include "posenc/encoders/sine_spe.hpp"
 #include "posenc/encoders/spe_gate.hpp"
 #include "support/golden.hpp"
+#include "support/gradient_golden.hpp"
 #include "support/test_support.hpp"
 
 namespace posenc {
 namespace {
 
 using test::Json;
-
-/// The mask of a golden case's config.
-Mask spe_grad_mask(const Json& config) {
-  const auto& m = config.at("mask");
-  const std::string kind = m.at("kind").get<std::string>();
-  if (kind == "none") return Mask::none();
-  if (kind == "causal") return Mask::causal();
-  if (kind == "sliding_window") return Mask::sliding_window(m.at("window").get<Index>());
-  if (kind == "blockwise_causal") return Mask::blockwise_causal(m.at("window").get<Index>());
-  throw std::runtime_error("unknown mask kind " + kind);
-}
 
 /// max over elements of |a − b| / max(|b|, floor·max|b|): relative per element, with an absolute
 /// floor (relative to the largest golden entry) for entries that are exactly or nearly zero.
@@ -146,7 +136,7 @@ void check_spe_golden_case(const Json& c, const Encoder& encoder) {
   const Heads<double> k = test::to_heads(inputs.at("k"));
   const Heads<double> v = test::to_heads(inputs.at("v"));
   const Heads<double> dout = test::to_heads(inputs.at("dO"));
-  const AttentionOptions options{.mask = spe_grad_mask(config),
+  const AttentionOptions options{.mask = test::golden_mask(config),
                                  .query_offset = config.at("query_offset").get<Index>(),
                                  .scale = config.at("scale").get<double>()};
   AttentionOptions tiled = options;
