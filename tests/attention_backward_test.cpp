@@ -26,7 +26,7 @@ namespace {
 using test::check_golden_case;
 using test::elementwise_error;
 using test::golden_mask;
-using test::golden_tolerance;
+using test::gradient_golden_tolerance;
 using test::random_heads;
 
 TEST(AttentionBackwardGolden, AlibiMatchesAutograd) {
@@ -81,7 +81,7 @@ void expect_parameter_gradients(const test::GoldenGradients<Encoder>& both, cons
       // Relative per element with the default floor, i.e. at least 1e-13 absolute: where a
       // gradient is mathematically 0 the golden holds rounding noise (FIRE's b2: every row of dS
       // sums to 0, |golden| ~ 1e-17).
-      EXPECT_LT(elementwise_error(value, want), golden_tolerance)
+      EXPECT_LT(elementwise_error(value, want), gradient_golden_tolerance)
           << c.at("key").get<std::string>() << " d_" << name
           << (grads == &both.streamed ? " (streaming)" : " (reference)");
     }
@@ -168,12 +168,12 @@ TEST(AttentionBackwardGolden, ShawMatchesAutograd) {
     const auto both = check_golden_case(c, shaw, label);
     for (const auto* grads : {&both.streamed, &both.reference}) {
       EXPECT_LT(elementwise_error(grads->encoder.key_table, test::to_matrix(outputs.at("d_aK"))),
-                golden_tolerance)
+                gradient_golden_tolerance)
           << label << " d_aK";
       if (values) {
         EXPECT_LT(
             elementwise_error(grads->encoder.value_table, test::to_matrix(outputs.at("d_aV"))),
-            golden_tolerance)
+            gradient_golden_tolerance)
             << label << " d_aV";
       }
     }
@@ -221,18 +221,20 @@ TEST(AttentionBackwardGolden, AbsoluteEncodingsMatchAutograd) {
       const Heads<double> k = embed(x_k, pe, 0, H);
       const AttentionForward<double> forward = attention_forward(q, k, v, options);
       EXPECT_LT(elementwise_error(forward.out.flat(), test::to_heads(outputs.at("out")).flat()),
-                golden_tolerance)
+                gradient_golden_tolerance)
           << label;
       const auto grads = attention_backward(q, k, v, NoPositionalEncoding{}, forward.out,
                                             forward.lse, dout, options);
       const Matrix<double> dx_q = merge_heads(grads.dq);
       const Matrix<double> dx_k = merge_heads(grads.dk);
-      EXPECT_LT(elementwise_error(dx_q, test::to_matrix(outputs.at("d_x_q"))), golden_tolerance)
+      EXPECT_LT(elementwise_error(dx_q, test::to_matrix(outputs.at("d_x_q"))),
+                gradient_golden_tolerance)
           << label << " d_x_q";
-      EXPECT_LT(elementwise_error(dx_k, test::to_matrix(outputs.at("d_x_k"))), golden_tolerance)
+      EXPECT_LT(elementwise_error(dx_k, test::to_matrix(outputs.at("d_x_k"))),
+                gradient_golden_tolerance)
           << label << " d_x_k";
       EXPECT_LT(elementwise_error(grads.dv.flat(), test::to_heads(outputs.at("dv")).flat()),
-                golden_tolerance)
+                gradient_golden_tolerance)
           << label << " d_v";
       return std::pair{dx_q, dx_k};
     };
@@ -243,7 +245,7 @@ TEST(AttentionBackwardGolden, AbsoluteEncodingsMatchAutograd) {
       table.accumulate_gradient(dx_q, offset, gradient);
       table.accumulate_gradient(dx_k, 0, gradient);
       EXPECT_LT(elementwise_error(gradient.table, test::to_matrix(outputs.at("d_table"))),
-                golden_tolerance)
+                gradient_golden_tolerance)
           << label << " d_table";
     } else {
       const SinusoidalLayout layout = config.at("layout").get<std::string>() == "interleaved"

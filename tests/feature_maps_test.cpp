@@ -4,6 +4,10 @@
 // width) plugs into linear attention, its decoding state and its oracle with no change to posenc.
 #include "posenc/feature_maps.hpp"
 
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
 #include <gtest/gtest.h>
 
 #include "posenc/linear_attention.hpp"
@@ -93,6 +97,54 @@ TYPED_TEST(FeatureMaps, UserDefinedMapDecodesTokenByToken) {
           << "step " << t;
     }
   }
+}
+
+/// The edges of the elementwise maps are the same at every vector width: a 1-column block goes
+/// through Eigen's scalar path, a 35-column one through its packets and a scalar tail.
+/// φ(−inf) = 0 exactly (EluPlusOne; a vectorised exp would clamp to ~1e−38), φ(NaN) = NaN
+/// (a vectorised max/min may drop it), and φ(+inf) = +inf.
+TYPED_TEST(FeatureMaps, ElementwiseMapsAgreeAtEveryWidthOnNonFiniteInput) {
+  using T = TypeParam;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T edges[] = {-inf, nan, inf, T(-3), T(0), T(2)};
+  const auto check = [&](const auto& map, const char* name) {
+    for (const T x : edges) {
+      for (const Index width : {Index{1}, Index{35}}) {
+        const Matrix<T> in = Matrix<T>::Constant(3, width, x);
+        Matrix<T> out(3, width);
+        Matrix<T> dx(3, width);
+        map.features(in, out);
+        map.features_backward(in, Matrix<T>::Ones(3, width), dx);
+        const T want = std::isnan(x) ? nan : x > 0 ? x + 1 : std::exp(x);
+        for (Index i = 0; i < out.size(); ++i) {
+          if constexpr (std::is_same_v<std::remove_cvref_t<decltype(map)>, EluPlusOne>) {
+            if (std::isnan(x)) {
+              EXPECT_TRUE(std::isnan(out(i)) && std::isnan(dx(i))) << name << " width " << width;
+            } else {
+              const T tolerance = 4 * std::numeric_limits<T>::epsilon() * std::abs(want);
+              if (std::isfinite(want)) {
+                EXPECT_NEAR(out(i), want, tolerance) << name << " at " << x << ", width " << width;
+              } else {
+                EXPECT_EQ(out(i), want) << name << " at " << x << ", width " << width;
+              }
+              EXPECT_NEAR(dx(i), x > 0 ? T(1) : std::exp(x), 4 * std::numeric_limits<T>::epsilon())
+                  << name << " at " << x;
+            }
+          } else {
+            if (std::isnan(x)) {
+              EXPECT_TRUE(std::isnan(out(i)) && std::isnan(dx(i))) << name << " width " << width;
+            } else {
+              EXPECT_EQ(out(i), (x > 0 ? x : T(0)) + static_cast<T>(map.epsilon)) << name;
+              EXPECT_EQ(dx(i), x > 0 ? T(1) : T(0)) << name << " at " << x;
+            }
+          }
+        }
+      }
+    }
+  };
+  check(EluPlusOne{}, "EluPlusOne");
+  check(ReluPlusEpsilon{}, "ReluPlusEpsilon");
 }
 
 TEST(FeatureMaps, ValidateHooksNameTheCaller) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -20,25 +21,47 @@
 
 namespace posenc {
 
+namespace detail {
+
+/// out = x where x is NaN (elementwise): a feature map's NaN input stays NaN in its output
+/// (the input policy), whichever vector width Eigen's select/min/max took.
+template <class In, class Out>
+void keep_nan(const In& x, Out& out) {
+  out = x.isNaN().select(x, out.array()).matrix();
+}
+
+}  // namespace detail
+
 /// φ(x) = elu(x) + 1 elementwise (x + 1 for x > 0, eˣ otherwise); F = D.
 /// Katharopoulos et al. 2020, "Transformers are RNNs" (arXiv 2006.16236); fast-transformers'
 /// "linear" and "causal-linear" attention. Matches the `causal_linear_elu1_out` goldens.
 struct EluPlusOne {
   Index feature_dim(Index dim) const { return dim; }
 
-  /// out = φ(x) (rows × D each), as max(x, 0) + exp(min(x, 0)): branch-free and vectorised.
+  /// out = φ(x) (rows × D each): x + 1 where x > 0, else exp(x), vectorised. Exact at the
+  /// edges whatever the vector width: φ(−inf) = 0 (a vectorised exp clamps its argument and
+  /// would give ~1e−38), φ(NaN) = NaN (a vectorised max/min may drop a NaN).
   template <class In, class Out>
   void features(const In& x, Out&& out) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
-    out = (x.array().max(Scalar(0)) + x.array().min(Scalar(0)).exp()).matrix();
+    const auto a = x.array();
+    out = (a > Scalar(0))
+              .select(a + Scalar(1), (a == -std::numeric_limits<Scalar>::infinity())
+                                         .select(Scalar(0), a.min(Scalar(0)).exp()))
+              .matrix();
+    detail::keep_nan(a, out);
   }
 
-  /// The DifferentiableFeatureMap hook: dx = dfeatures ∘ φ'(x), φ'(x) = exp(min(x, 0)) (1 for
-  /// x > 0, eˣ otherwise; both sides give 1 at 0).
+  /// The DifferentiableFeatureMap hook: dx = dfeatures ∘ φ'(x), φ'(x) = 1 for x > 0, eˣ
+  /// otherwise (both sides give 1 at 0; 0 at −inf, NaN at NaN, as features()).
   template <class In, class DF, class Out>
   void features_backward(const In& x, const DF& dfeatures, Out&& dx) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
-    dx = (dfeatures.array() * x.array().min(Scalar(0)).exp()).matrix();
+    const auto a = x.array();
+    dx = (dfeatures.array() *
+          (a == -std::numeric_limits<Scalar>::infinity()).select(Scalar(0), a.min(Scalar(0)).exp()))
+             .matrix();
+    detail::keep_nan(a, dx);
   }
 };
 
@@ -52,7 +75,9 @@ struct ReluPlusEpsilon {
   template <class In, class Out>
   void features(const In& x, Out&& out) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
-    out = (x.array().max(Scalar(0)) + static_cast<Scalar>(epsilon)).matrix();
+    const auto a = x.array();
+    out = ((a > Scalar(0)).select(a, Scalar(0)) + static_cast<Scalar>(epsilon)).matrix();
+    detail::keep_nan(a, out);
   }
 
   /// The DifferentiableFeatureMap hook: dx = dfeatures where x > 0, else 0 (the kink at 0 takes
@@ -60,7 +85,9 @@ struct ReluPlusEpsilon {
   template <class In, class DF, class Out>
   void features_backward(const In& x, const DF& dfeatures, Out&& dx) const {
     using Scalar = typename std::remove_cvref_t<Out>::Scalar;
-    dx = (x.array() > Scalar(0)).select(dfeatures.array(), Scalar(0)).matrix();
+    const auto a = x.array();
+    dx = (a > Scalar(0)).select(dfeatures.array(), Scalar(0)).matrix();
+    detail::keep_nan(a, dx);
   }
 
   /// The ValidatedFeatureMap hook: epsilon must be finite and >= 0.
@@ -155,7 +182,8 @@ class Favor {
     const auto eps = static_cast<Scalar>(options_.stabilizer);
     const Scalar half_tau = static_cast<Scalar>(temperature_ / 2.0);
     for (Index r = 0; r < out.rows(); ++r) {
-      const Scalar shift = out.row(r).maxCoeff() + half_tau * x.row(r).squaredNorm();
+      const Scalar shift =
+          out.row(r).template maxCoeff<Eigen::PropagateNaN>() + half_tau * x.row(r).squaredNorm();
       out.row(r) = ratio() * ((out.row(r).array() - shift).exp() + eps);
     }
   }
@@ -167,7 +195,7 @@ class Favor {
     out.noalias() = x * scaled_projection_t_;
     const Scalar half_tau = static_cast<Scalar>(temperature_ / 2.0);
     for (Index r = 0; r < out.rows(); ++r) {
-      row_max[r] = out.row(r).maxCoeff();
+      row_max[r] = out.row(r).template maxCoeff<Eigen::PropagateNaN>();
       out.row(r) = (out.row(r).array() - (row_max[r] + half_tau * x.row(r).squaredNorm())).exp();
     }
   }

@@ -40,7 +40,7 @@ double elementwise_error(const A& a, const B& b, double floor = 1e-3) {
   return worst;
 }
 
-constexpr double golden_tolerance = 1e-10;
+constexpr double gradient_golden_tolerance = 1e-10;
 
 /// Runs attention_forward, attention_backward and attention_backward_reference on a golden case
 /// and checks out, lse, dq, dk, dv against the golden; returns both backwards' gradients (the
@@ -67,8 +67,8 @@ GoldenGradients<Encoder> check_golden_case(const Json& c, const Encoder& encoder
   const AttentionForward<double> forward = attention_forward(q, k, v, encoder, options);
   const Heads<double> out = to_heads(outputs.at("out"));
   const Matrix<double> lse = to_matrix(outputs.at("lse"));
-  EXPECT_LT(elementwise_error(forward.out.flat(), out.flat()), golden_tolerance) << label;
-  EXPECT_LT(elementwise_error(forward.lse, lse), golden_tolerance) << label;
+  EXPECT_LT(elementwise_error(forward.out.flat(), out.flat()), gradient_golden_tolerance) << label;
+  EXPECT_LT(elementwise_error(forward.lse, lse), gradient_golden_tolerance) << label;
   const auto grads = attention_backward(q, k, v, encoder, forward.out, forward.lse, dout, options);
   const auto reference = attention_backward_reference(q, k, v, encoder, dout, options);
   const char* names[] = {"dq", "dk", "dv"};
@@ -76,9 +76,9 @@ GoldenGradients<Encoder> check_golden_case(const Json& c, const Encoder& encoder
   const Heads<double>* oracle[] = {&reference.dq, &reference.dk, &reference.dv};
   for (int i = 0; i < 3; ++i) {
     const Heads<double> expected = to_heads(outputs.at(names[i]));
-    EXPECT_LT(elementwise_error(streamed[i]->flat(), expected.flat()), golden_tolerance)
+    EXPECT_LT(elementwise_error(streamed[i]->flat(), expected.flat()), gradient_golden_tolerance)
         << label << " " << names[i] << " (streaming)";
-    EXPECT_LT(elementwise_error(oracle[i]->flat(), expected.flat()), golden_tolerance)
+    EXPECT_LT(elementwise_error(oracle[i]->flat(), expected.flat()), gradient_golden_tolerance)
         << label << " " << names[i] << " (reference)";
   }
   return {grads, reference};
