@@ -11,7 +11,6 @@
 // reference fits in memory), and peak RSS of one call in a fresh process (total, and beyond the
 // inputs and output). A peak probe (independent FMA chains on Eigen's widest packet) measures the
 // machine in the same run.
-#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,6 +29,9 @@
 #include "support/flops.hpp"
 #include "support/inputs.hpp"
 #include "support/main.hpp"
+#include "support/peak.hpp"
+#include "support/report.hpp"
+#include "support/rss.hpp"
 #include "support/timing.hpp"
 
 namespace posenc::bench {
@@ -38,49 +40,6 @@ namespace {
 constexpr Index bench_heads = 8;
 constexpr Index head_dim = 64;
 constexpr Index dape_width = 32;
-
-/// Single-thread FMA throughput in GFLOP/s: 12 independent chains of packet FMAs (enough to
-/// cover the FMA latency × throughput of current x86 cores), long enough to dwarf loop overhead.
-/// Each chain starts from its own value: chains that start equal are equal forever, and GCC 12
-/// computes such identical chains once (with equal starts this probe reported 1.5× the
-/// machine's real peak: 333 GFLOP/s on a 3.5 GHz core whose two 16-lane FMA pipes give 224).
-template <class Scalar>
-double fma_peak_gflops_one_thread() {
-  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
-  constexpr int chains = 12;
-  constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
-  const Packet multiplier = Eigen::internal::pset1<Packet>(Scalar(0.999999));
-  const Packet addend = Eigen::internal::pset1<Packet>(Scalar(1e-7));
-  const long iterations = 20'000'000;
-  const auto run = [&] {
-    Packet acc[chains];
-    for (int c = 0; c < chains; ++c) {
-      acc[c] = Eigen::internal::pset1<Packet>(Scalar(1) + Scalar(c) / Scalar(64));
-    }
-    for (long i = 0; i < iterations; ++i) {
-      for (auto& a : acc) a = Eigen::internal::pmadd(a, multiplier, addend);
-    }
-    Scalar sink = 0;
-    for (const Packet& a : acc) sink += Eigen::internal::pfirst(a);
-    benchmark::DoNotOptimize(sink);
-  };
-  const Seconds best = best_seconds(run, 5, 0.5);
-  return 2.0 * chains * width * static_cast<double>(iterations) / best.cpu * 1e-9;
-}
-
-/// Peak of `threads` threads: the one-thread probe run on each thread at once, summed.
-template <class Scalar>
-double fma_peak_gflops(int threads) {
-  if (threads == 1) return fma_peak_gflops_one_thread<Scalar>();
-  std::vector<double> per_thread(static_cast<std::size_t>(threads));
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  per_thread[static_cast<std::size_t>(omp_get_thread_num())] = fma_peak_gflops_one_thread<Scalar>();
-#endif
-  double total = 0;
-  for (double p : per_thread) total += p;
-  return total;
-}
 
 /// One encoder of the report, type-erased: runs streaming or reference attention on the inputs.
 struct Entry {
@@ -121,22 +80,6 @@ std::vector<Entry> entries() {
   return list;
 }
 
-/// Peak resident set of this process so far, in MiB.
-double peak_rss_mib() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // KiB on Linux
-}
-
-/// Current resident set, in MiB.
-double current_rss_mib() {
-  std::ifstream statm("/proc/self/statm");
-  long pages = 0;
-  long resident = 0;
-  statm >> pages >> resident;
-  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1 << 20);
-}
-
 /// Child mode: one call of entry `name` at N tokens and `threads` threads in this fresh process;
 /// prints "<peak RSS MiB> <RSS after inputs MiB>".
 int rss_probe(const std::string& name, Index n, int threads) {
@@ -169,13 +112,6 @@ RssFigures measure_rss(const char* self, const std::string& name, Index n, int t
   pclose(pipe);
   if (figures.total >= 0) figures.extra = figures.total - before;
   return figures;
-}
-
-std::string format(double value, const char* spec) {
-  if (!(value >= 0)) return "—";
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, spec, value);
-  return buffer;
 }
 
 int run_report(const char* self, bool quick, const std::string& out_path) {
@@ -231,11 +167,7 @@ int run_report(const char* self, bool quick, const std::string& out_path) {
          << format(peak[thread_counts.back()], "%.1f") << " GFLOP/s on " << thread_counts.back()
          << " threads.\n\n"
          << table.str();
-  std::fputs(report.str().c_str(), stdout);
-  if (!out_path.empty()) {
-    std::ofstream out(out_path);
-    out << report.str();
-  }
+  write_report(report.str(), out_path);
   return 0;
 }
 
@@ -247,18 +179,8 @@ int main(int argc, char** argv) {
   if (argc == 5 && std::strcmp(argv[1], "--rss-probe") == 0) {
     return rss_probe(argv[2], std::atol(argv[3]), std::atoi(argv[4]));
   }
-  bool quick = false;
-  std::string out_path;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0) {
-      quick = true;
-    } else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc) {
-      out_path = argv[++i];
-    } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--out FILE]\n", argv[0]);
-      return 2;
-    }
-  }
+  const ReportArguments args = parse_report_arguments(argc, argv);
+  if (!args.ok) return 2;
   Eigen::setNbThreads(1);
-  return run_report(argv[0], quick, out_path);
+  return run_report(argv[0], args.quick, args.out_path);
 }

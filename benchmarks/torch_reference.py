@@ -4,8 +4,12 @@ P·V) on the shapes of posenc_bench_performance, and prints a markdown table wit
 posenc figures of the same run. Called by benchmarks/report when `import torch` works.
 
     python3 benchmarks/torch_reference.py TABLE.md [--quick]
+    python3 benchmarks/torch_reference.py --backward BACKWARD.md [--quick]
 
 TABLE.md is the table posenc_bench_performance wrote (rows "| encoder | N | threads | GFLOP/s |").
+With --backward, BACKWARD.md is posenc_bench_backward's table (rows "| encoder | N | threads |
+forward (ms) | backward (ms) | …"), and the script times autograd's backward of the same eager
+attention (the forward's graph built untimed, then `out.backward(dout)` timed).
 """
 import math
 import sys
@@ -56,7 +60,50 @@ def posenc_rates(table_path):
     return rates
 
 
+def posenc_backward_ms(table_path):
+    times = {}
+    with open(table_path, encoding="utf-8") as table:
+        for line in table:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 5 and cells[1].isdigit():
+                times[(cells[0], int(cells[1]), int(cells[2]))] = float(cells[4])
+    return times
+
+
+def backward_table(table_path, quick):
+    # N = 8192 would keep about ten H·N² float tensors (≈ 20 GiB) for autograd: 2048 only.
+    lengths = [1024] if quick else [2048]
+    threads = torch.get_num_threads()
+    ours = posenc_backward_ms(table_path)
+    print(f"PyTorch {torch.__version__} autograd backward of the eager attention, float32, "
+          f"{threads} threads (materialised H·N² scores and probabilities):")
+    print()
+    print("| encoder | N | PyTorch backward (ms) | posenc backward (ms, same threads) | "
+          "PyTorch ÷ posenc |")
+    print("|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for n in lengths:
+        q, k, v, dout = (torch.randn(HEADS, n, DIM) for _ in range(4))
+        for name, bias in (("NoPE", None), ("ALiBi", alibi_bias(n))):
+            def step():
+                qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+                out = eager_attention(qq, kk, vv, bias)
+                start = time.perf_counter()
+                out.backward(dout)
+                return time.perf_counter() - start
+
+            step()  # warm-up
+            seconds = min(step() for _ in range(1 if n > 4096 else 3))
+            mine = ours.get((name, n, threads))
+            ratio = f"{seconds * 1e3 / mine:.1f}" if mine else "—"
+            mine_text = f"{mine:.1f}" if mine else "—"
+            print(f"| {name} | {n} | {seconds * 1e3:.1f} | {mine_text} | {ratio} |")
+
+
 def main():
+    if sys.argv[1] == "--backward":
+        backward_table(sys.argv[2], "--quick" in sys.argv[3:])
+        return
     table_path = sys.argv[1]
     quick = "--quick" in sys.argv[2:]
     lengths = [1024, 2048] if quick else [2048, 8192]

@@ -4,6 +4,8 @@
 #   cmake/run.sh demo   installs what is missing, builds the demo example and runs it
 #   cmake/run.sh test   installs what is missing, runs the release and asan workflow presets
 #                       (configure, build, test) and prints a summary; non-zero on any failure
+#   cmake/run.sh lab [ARGS]  installs what is missing, builds the extrapolation lab and runs it
+#                       (examples/extrapolation_lab/; ARGS go to the lab, e.g. --only rope,alibi)
 set -euo pipefail
 
 # The demo: an example target of the release preset (examples/<name>.cpp -> posenc_example_<name>)
@@ -13,9 +15,12 @@ DEMO_TARGET=posenc_example_extrapolation_report
 DEMO_ARGS=(--require-plots)
 # Debian 12 packages: toolchain (GCC for the release preset; Clang with its sanitizer and OpenMP
 # runtimes for the asan preset), Eigen, GoogleTest, Google Benchmark, the JSON reader of the
-# tests, pkg-config (packaging test) and gnuplot (plots of the demo).
+# tests and of posenc/io/, pkg-config (packaging test), gnuplot (plots of the demo) and Open MPI
+# (the ring-attention example and its test; only that example links it), and the Python standard
+# library's sources, the extrapolation lab's corpus.
 PACKAGES="cmake g++ make clang libclang-rt-14-dev libomp-14-dev libeigen3-dev libgtest-dev
-          libbenchmark-dev nlohmann-json3-dev pkgconf gnuplot-nox"
+          libbenchmark-dev nlohmann-json3-dev pkgconf gnuplot-nox libopenmpi-dev openmpi-bin
+          libpython3.11-stdlib"
 
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)
@@ -88,8 +93,18 @@ case "${1:-}" in
     fi
     exit "$failed"
     ;;
+  lab)
+    shift
+    install_missing_packages
+    cmake --preset release
+    cmake --build --preset release --target posenc_extrapolation_lab
+    mkdir -p build/release/examples/extrapolation_lab
+    cd build/release/examples/extrapolation_lab
+    # Passive waiting: on a busy machine, spinning OpenMP threads steal the cores they wait for.
+    OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}" exec ../posenc_extrapolation_lab --out . "$@"
+    ;;
   *)
-    echo "usage: cmake/run.sh demo|test" >&2
+    echo "usage: cmake/run.sh demo|test|lab [lab arguments]" >&2
     exit 2
     ;;
 esac

@@ -16,6 +16,7 @@
 
 #include "posenc/attention_backward.hpp"
 #include "posenc/posenc.hpp"
+#include "support/backward_trials.hpp"
 #include "support/golden.hpp"
 #include "support/gradient_golden.hpp"
 #include "support/test_support.hpp"
@@ -343,61 +344,28 @@ TEST(AttentionBackward, MatchesFiniteDifferencesWithGroupsSegmentsAndPositions) 
 
 /// Streaming backward == reference backward on random problems: every mask, offsets, explicit
 /// (unsorted) key positions, segments, grouped-query heads, odd sizes, tile sizes with
-/// remainders, one and two threads; the same bits for one and two threads.
+/// remainders; the same bits for one and two threads.
 template <class Scalar, class Encoder>
 void expect_streaming_matches_reference(const Encoder& encoder, Index H, Index Hkv, Index D,
                                         std::uint64_t salt, const std::string& label,
                                         Index value_dim = 0 /* 0: random */) {
-  auto rng = test::make_rng(salt);
-  std::uniform_int_distribution<Index> size(1, 40);
   const double eps = std::numeric_limits<Scalar>::epsilon();
-  for (int trial = 0; trial < 12; ++trial) {
-    const Index N = size(rng), M = size(rng);
-    const Index Dv = value_dim > 0 ? value_dim : size(rng) % 9 + 1;
-    const auto q = random_heads<Scalar>(H, N, D, rng);
-    const auto k = random_heads<Scalar>(Hkv, M, D, rng);
-    const auto v = random_heads<Scalar>(Hkv, M, Dv, rng);
-    const auto dout = random_heads<Scalar>(H, N, Dv, rng);
-    const Mask masks[] = {Mask::causal(), Mask::none(), Mask::sliding_window(1 + trial),
-                          Mask::blockwise_causal(2 * (1 + trial % 4))};
-    std::vector<Index> kpos = test::iota(M);
-    std::shuffle(kpos.begin(), kpos.end(), rng);
-    std::vector<Index> qseg(static_cast<std::size_t>(N)), kseg(static_cast<std::size_t>(M));
-    for (Index r = 0; r < N; ++r) qseg[static_cast<std::size_t>(r)] = 3 * r / N;
-    for (Index c = 0; c < M; ++c) kseg[static_cast<std::size_t>(c)] = 3 * c / M;
-    AttentionOptions options{.mask = masks[trial % 4],
-                             .query_offset = M - N + trial % 3 - 1,
-                             .query_block = 1 + trial % 7,
-                             .key_block = 2 + trial % 5};
-    if (trial % 3 == 1) options.key_positions = kpos;
-    if (trial % 4 == 2) {
-      options.query_segments = qseg;
-      options.key_segments = kseg;
-    }
-    const auto reference = attention_backward_reference(q, k, v, encoder, dout, options);
-    Heads<Scalar> out(H, N, Dv);
-    Matrix<Scalar> lse(H, N);
-    attention(q, k, v, encoder, out.view(), lse, options);
-    // One forward (XPos's tile centres, hence its rounding, follow the forward's thread count),
-    // then the backward on one and on two threads.
-    std::array<AttentionGradients<Scalar, Encoder>, 2> streamed;
-    for (const int threads : {1, 2}) {
-      options.threads = threads;
-      streamed[static_cast<std::size_t>(threads - 1)] =
-          attention_backward(q, k, v, encoder, out, lse, dout, options);
-    }
-    const std::string where = label + " trial " + std::to_string(trial) + " N " +
-                              std::to_string(N) + " M " + std::to_string(M);
-    // Both sides accumulate O(M + D) rounded terms per element.
-    const double tolerance = 64 * eps * static_cast<double>(M + D + Dv);
-    const auto& s = streamed[0];
-    EXPECT_LT(test::relative_error(s.dq.flat(), reference.dq.flat()), tolerance) << where << " dq";
-    EXPECT_LT(test::relative_error(s.dk.flat(), reference.dk.flat()), tolerance) << where << " dk";
-    EXPECT_LT(test::relative_error(s.dv.flat(), reference.dv.flat()), tolerance) << where << " dv";
-    EXPECT_EQ(s.dq.flat(), streamed[1].dq.flat()) << where << ": threads change dq";
-    EXPECT_EQ(s.dk.flat(), streamed[1].dk.flat()) << where << ": threads change dk";
-    EXPECT_EQ(s.dv.flat(), streamed[1].dv.flat()) << where << ": threads change dv";
-  }
+  test::for_each_backward_trial<Scalar>(
+      {.heads = H,
+       .kv_heads = Hkv,
+       .dim = D,
+       .trials = 12,
+       .salt = salt,
+       .max_rows = 40,
+       .value_dim = value_dim},
+      label, [&](const test::BackwardTrial<Scalar>& t) {
+        const auto reference =
+            attention_backward_reference(t.q, t.k, t.v, encoder, t.dout, t.options);
+        // Both sides accumulate O(M + D) rounded terms per element.
+        test::expect_backward_close_and_deterministic(
+            test::backward_on_one_and_two_threads(t, encoder), reference,
+            64 * eps * static_cast<double>(t.keys + D + t.value_dim), t.where);
+      });
 }
 
 TEST(AttentionBackward, StreamingMatchesReference) {
@@ -425,6 +393,58 @@ TEST(AttentionBackward, StreamingMatchesReference) {
       compose(XPosEncoding<double>(4),
               RotaryEncoding<double>(4, {.base = 500.0, .pairing = RotaryPairing::interleaved})),
       2, 2, 4, 1522, "XPos then RoPE");
+}
+
+/// The overload writing into the caller's AttentionGradients gives the returning overload's
+/// bits, overwrites dq, dk, dv and adds to the encoder gradient (two calls: twice the gradient).
+TEST(AttentionBackward, IntoCallerBuffersOverwritesInputsAndAccumulatesTheEncoder) {
+  auto rng = test::make_rng(1530);
+  const auto kerple = Kerple<double>::random(KerpleKernel::log, 4, rng);
+  const auto q = random_heads<double>(4, 9, 5, rng);
+  const auto k = random_heads<double>(2, 11, 5, rng);
+  const auto v = random_heads<double>(2, 11, 3, rng);
+  const auto dout = random_heads<double>(4, 9, 3, rng);
+  const AttentionOptions options{
+      .mask = Mask::sliding_window(6), .query_offset = 2, .query_block = 4, .key_block = 3};
+  const AttentionForward<double> forward = attention_forward(q, k, v, kerple, options);
+  const auto want = attention_backward(q, k, v, kerple, forward.out, forward.lse, dout, options);
+  AttentionGradients<double, Kerple<double>> grads{Heads<double>(4, 9, 5), Heads<double>(2, 11, 5),
+                                                   Heads<double>(2, 11, 3), kerple.zero_gradient()};
+  grads.dq.flat().setConstant(7.0);  // overwritten, not added to
+  for (int call = 1; call <= 2; ++call) {
+    attention_backward(q, k, v, kerple, forward.out, forward.lse, dout, grads, options);
+    EXPECT_EQ(grads.dq.flat(), want.dq.flat());
+    EXPECT_EQ(grads.dk.flat(), want.dk.flat());
+    EXPECT_EQ(grads.dv.flat(), want.dv.flat());
+    EXPECT_LE((grads.encoder.r1 - call * want.encoder.r1).cwiseAbs().maxCoeff(),
+              1e-15 * want.encoder.r1.cwiseAbs().maxCoeff())
+        << "call " << call;
+    EXPECT_LE((grads.encoder.r2 - call * want.encoder.r2).cwiseAbs().maxCoeff(),
+              1e-15 * want.encoder.r2.cwiseAbs().maxCoeff())
+        << "call " << call;
+  }
+  grads.encoder.set_zero();
+  EXPECT_EQ(grads.encoder.r1.cwiseAbs().maxCoeff(), 0.0);
+}
+
+TEST(AttentionBackward, IntoCallerBuffersRejectsWrongShapesAndAliasing) {
+  auto rng = test::make_rng(1531);
+  const auto q = random_heads<double>(2, 6, 4, rng);
+  const auto k = random_heads<double>(2, 6, 4, rng);
+  const auto v = random_heads<double>(2, 6, 4, rng);
+  const auto dout = random_heads<double>(2, 6, 4, rng);
+  const AttentionForward<double> forward = attention_forward(q, k, v);
+  using Grads = AttentionGradients<double, NoPositionalEncoding>;
+  Grads wrong{Heads<double>(2, 5, 4), Heads<double>(2, 6, 4), Heads<double>(2, 6, 4), {}};
+  POSENC_EXPECT_INVALID(
+      attention_backward(q, k, v, NoPositionalEncoding{}, forward.out, forward.lse, dout, wrong),
+      "posenc::attention_backward", "grads.dq has shape [2, 5, 4]", "[2, 6, 4]", "shape of q");
+  Grads grads{Heads<double>(2, 6, 4), Heads<double>(2, 6, 4), Heads<double>(2, 6, 4), {}};
+  // q read through a view of grads.dq's storage: dq would overwrite it while it is read.
+  grads.dq.flat() = q.flat();
+  POSENC_EXPECT_INVALID(attention_backward(grads.dq.view(), k, v, NoPositionalEncoding{},
+                                           forward.out, forward.lse, dout, grads),
+                        "posenc::attention_backward", "grads.dq shares memory with q");
 }
 
 }  // namespace

@@ -203,7 +203,7 @@ constexpr Family float_families[] = {Family::nope, Family::xpos, Family::dape, F
 template <class T>
 constexpr bool double_only = std::is_same_v<T, double>;
 
-enum class Suite : std::uint8_t { streaming, kv_cache, split_kv, linear };
+enum class Suite : std::uint8_t { streaming, kv_cache, split_kv, linear, backward };
 
 enum class MapKind : std::uint8_t { elu, relu, favor };
 
@@ -325,6 +325,8 @@ const char* suite_name(Suite s) {
       return "split_kv";
     case Suite::linear:
       return "linear";
+    case Suite::backward:
+      return "backward";
   }
   return "?";
 }
@@ -445,7 +447,7 @@ void draw_shape(Draw& d, Config& c) {
   c.queries = d.size(cap);
   c.keys = c.suite == Suite::kv_cache || (c.suite == Suite::linear && c.causal) ? c.queries
                                                                                 : d.size(cap);
-  if (c.suite == Suite::streaming || c.suite == Suite::split_kv) {
+  if (c.suite == Suite::streaming || c.suite == Suite::split_kv || c.suite == Suite::backward) {
     if (d.chance(0.02)) c.keys = 0;  // no keys: every row is zero
   }
   c.dim = d.size(is_spe(c.family) ? 16 : 130);
@@ -564,7 +566,8 @@ Config draw_config(Draw& d, Suite suite, Index index) {
   const PositionLimits limits = limits_of(c.family);
   switch (suite) {
     case Suite::streaming:
-    case Suite::split_kv: {
+    case Suite::split_kv:
+    case Suite::backward: {
       draw_positions(d, c);
       c.mask = draw_mask(d, c.queries + c.keys);
       if (d.chance(0.25)) {
@@ -638,7 +641,9 @@ Config draw_config(Draw& d, Suite suite, Index index) {
       break;
     }
   }
-  draw_injections(d, c);
+  // The input policy (non-finite values propagate as NaN in exactly the rows they reach) is the
+  // forward's contract; the backward suite compares gradients of finite inputs.
+  if (suite != Suite::backward) draw_injections(d, c);
   return c;
 }
 
@@ -1032,6 +1037,7 @@ double value_scale(const HeadsView<const T>& v, const E& encoder) {
 constexpr double softmax_score_factor = 2.0;
 constexpr double softmax_size_factor = 1.0;
 constexpr double linear_size_factor = 4.0;
+constexpr double backward_size_factor = 1.0;
 
 /// sineSPE's phases 2π·f·p (f <= 1/2 cycle per position) carry an absolute error ε·π·|p|, and
 /// the phase recurrence between anchors makes its codes depend on where a tile starts.
@@ -1258,6 +1264,97 @@ void check_linear(const Config& c, const Inputs<T>& in, const Map& map, const E&
             "LinearAttentionState appends vs one linear_attention pass");
 }
 
+/// Every learnable parameter of a gradient, flattened (in a fixed member order) for comparison.
+template <class G>
+void append_parameters(const G& g, std::vector<double>& out) {
+  const auto add = [&out](const auto& x) {
+    for (Index i = 0; i < x.size(); ++i) out.push_back(static_cast<double>(x.data()[i]));
+  };
+  if constexpr (requires { g.first, g.second; }) {
+    append_parameters(g.first, out);
+    append_parameters(g.second, out);
+  } else if constexpr (requires { g.r1, g.r2; }) {  // KERPLE
+    add(g.r1), add(g.r2);
+  } else if constexpr (requires { g.table; }) {  // T5, learned absolute
+    add(g.table);
+  } else if constexpr (requires { g.key_table, g.value_table; }) {  // Shaw
+    add(g.key_table), add(g.value_table);
+  } else if constexpr (requires { g.w1, g.b1, g.w2, g.b2; }) {  // FIRE, DAPE
+    add(g.w1), add(g.b1), add(g.w2), add(g.b2);
+    if constexpr (requires { g.c, g.threshold_multiplier; }) {
+      out.push_back(g.c);
+      out.push_back(g.threshold_multiplier);
+    }
+    if constexpr (requires { g.bias; }) append_parameters(g.bias, out);
+  } else if constexpr (requires { g.frequencies, g.offsets, g.gains, g.gate; }) {  // sineSPE
+    add(g.frequencies.flat()), add(g.offsets.flat()), add(g.gains.flat()), add(g.gate);
+  } else {
+    static_assert(std::is_same_v<G, NoGradient>, "append_parameters: unknown gradient type");
+  }
+}
+
+template <class T>
+Heads<T> as_heads(const HeadsView<const T>& view) {
+  Heads<T> out(view.heads(), view.rows(), view.dim());
+  for (Index h = 0; h < view.heads(); ++h) out.head(h) = view.head(h);
+  return out;
+}
+
+/// The streaming backward (from attention_forward's out and lse) against the materialising
+/// oracle's backward: dq, dk, dv and the encoder's parameter gradient. A gradient sums the
+/// forward's terms weighted by dout (N(0, 1)), so its tolerance is the forward's, per unit of
+/// |v|, times the largest term it sums: |dout|·max(|v|, |q|, |k|)·(N + M) (dS = P∘(dP − D) has
+/// |dP| <= Dv·|dout|·|v|, and dq, dk sum N or M of its entries times a key or a query row).
+template <class T, class E>
+void check_backward(Draw& d, const Config& c, const Inputs<T>& in, const E& encoder, Report& r) {
+  const AttentionOptions options = c.attention_options();
+  Heads<T> dout(c.heads, c.queries, c.value_dim);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (Index i = 0; i < dout.flat().size(); ++i)
+    dout.flat()(i) = static_cast<T>(normal(d.engine()));
+  const auto expected = attention_backward_reference(in.q, in.k, in.v, encoder, dout, options);
+  const AttentionForward<T> forward = attention_forward(in.q, in.k, in.v, encoder, options);
+  const auto got =
+      attention_backward(in.q, in.k, in.v, encoder, forward.out, forward.lse, dout, options);
+  const double magnitude =
+      std::max({1.0, finite_max_abs(in.q), finite_max_abs(in.k), finite_max_abs(in.v)});
+  const double terms = static_cast<double>(c.queries + c.keys + c.value_dim) *
+                       std::max(1.0, finite_max_abs(dout.flat())) * magnitude * magnitude;
+  const double tolerance = backward_size_factor * terms *
+                           softmax_tolerance(in.q, in.k, in.v, encoder, options) /
+                           value_scale(in.v, encoder);
+  r.compare(got.dq, expected.dq, tolerance, "attention_backward dq vs the reference's");
+  r.compare(got.dk, expected.dk, tolerance, "attention_backward dk vs the reference's");
+  r.compare(got.dv, expected.dv, tolerance, "attention_backward dv vs the reference's");
+  std::vector<double> got_parameters;
+  std::vector<double> expected_parameters;
+  append_parameters(got.encoder, got_parameters);
+  append_parameters(expected.encoder, expected_parameters);
+  if (!got_parameters.empty()) {
+    // A parameter gradient sums over every (head, query, key) pair: N·M terms.
+    const auto as_heads_of = [](std::vector<double>& x) {
+      return as_heads(
+          HeadsView<const double>::heads_major(x.data(), 1, 1, static_cast<Index>(x.size())));
+    };
+    const double pairs =
+        static_cast<double>(c.heads * std::max<Index>(1, c.queries) * std::max<Index>(1, c.keys));
+    r.compare(as_heads_of(got_parameters), as_heads_of(expected_parameters),
+              tolerance * pairs / static_cast<double>(c.queries + c.keys + c.value_dim),
+              "the encoder's parameter gradient vs the reference's");
+  }
+  if (c.threads == 2) {
+    // Deterministic: one thread gives the same bits.
+    AttentionOptions one = options;
+    one.threads = 1;
+    const auto serial =
+        attention_backward(in.q, in.k, in.v, encoder, forward.out, forward.lse, dout, one);
+    if (serial.dq.flat() != got.dq.flat() || serial.dk.flat() != got.dk.flat() ||
+        serial.dv.flat() != got.dv.flat()) {
+      r.problems.push_back("attention_backward with 2 threads differs from 1 thread");
+    }
+  }
+}
+
 // --- the driver ---------------------------------------------------------------------------------
 
 template <class T>
@@ -1273,6 +1370,9 @@ void run_softmax(Draw& d, Config& c, Report& r) {
         return;
       case Suite::split_kv:
         check_split_kv(d, c, in, encoder, r);
+        return;
+      case Suite::backward:
+        check_backward(d, c, in, encoder, r);
         return;
       case Suite::linear:
         break;
@@ -1342,6 +1442,7 @@ TEST(Sweep, StreamingMatchesReference) { sweep(Suite::streaming); }
 TEST(Sweep, KvDecodingMatchesOnePass) { sweep(Suite::kv_cache); }
 TEST(Sweep, SplitKvMatchesOnePass) { sweep(Suite::split_kv); }
 TEST(Sweep, LinearMatchesReference) { sweep(Suite::linear); }
+TEST(Sweep, BackwardMatchesReference) { sweep(Suite::backward); }
 
 }  // namespace
 }  // namespace posenc::differential_sweep

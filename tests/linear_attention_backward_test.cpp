@@ -90,6 +90,10 @@ struct LearnedScale {
       key_scale += other.key_scale;
       return *this;
     }
+    void set_zero() {
+      query_scale.setZero();
+      key_scale.setZero();
+    }
   };
   Vector<double> query_scale, key_scale;
 

@@ -84,20 +84,58 @@ void require_output_like(const char* fn, const char* name, const HeadsView<const
           ", ", p.queries, ", ", p.value_dim, "] (the output of the forward)");
 }
 
+/// Throws unless grads.dq, dk, dv have the shapes of q, k, v of problem `p` and share no memory
+/// with q, k, v, out, dout or each other (the kernel reads the inputs while it writes them).
+template <class Scalar, class Encoder>
+void require_gradient_buffers(const char* fn, const AttentionGradients<Scalar, Encoder>& grads,
+                              const kernel::AttentionProblem<Scalar>& p,
+                              const HeadsView<const Scalar>& out,
+                              const HeadsView<const Scalar>& dout) {
+  const std::pair<const char*, HeadsView<const Scalar>> buffers[] = {
+      {"grads.dq", grads.dq.view()}, {"grads.dk", grads.dk.view()}, {"grads.dv", grads.dv.view()}};
+  const HeadsView<const Scalar> like[] = {p.q, p.k, p.v};
+  const char* like_names[] = {"q", "k", "v"};
+  for (int i = 0; i < 3; ++i) {
+    const auto& [name, buffer] = buffers[i];
+    require(buffer.heads() == like[i].heads() && buffer.rows() == like[i].rows() &&
+                buffer.dim() == like[i].dim(),
+            fn, name, " has shape [", buffer.heads(), ", ", buffer.rows(), ", ", buffer.dim(),
+            "] but must be [", like[i].heads(), ", ", like[i].rows(), ", ", like[i].dim(),
+            "] (the shape of ", like_names[i], ")");
+  }
+  const std::pair<const char*, HeadsView<const Scalar>> inputs[] = {
+      {"q", p.q},     {"k", p.k}, {"v", p.v}, {"out", out},
+      {"dout", dout}, buffers[0], buffers[1], buffers[2]};
+  for (int i = 0; i < 3; ++i) {
+    for (const auto& [name, input] : inputs) {
+      if (name == buffers[i].first) continue;
+      require(!kernel::views_overlap(buffers[i].second, input), fn, buffers[i].first,
+              " shares memory with ", name,
+              " (a gradient buffer must not alias an input or another gradient)");
+    }
+  }
+}
+
 }  // namespace detail
 
-/// Streaming backward of `attention(q, k, v, encoder, out, lse, options)`: given the forward's
-/// `out` [H, N, Dv] and `lse` [H, N] and dout = ∂L/∂out [H, N, Dv], returns ∂L/∂q, ∂L/∂k, ∂L/∂v
-/// and the encoder's parameter gradient. Same options as the forward (mask, offsets, positions,
-/// segments, grouped-query attention, blocks, threads). Extra memory O(tile) per thread plus one
-/// parameter-gradient accumulator per key/value head; deterministic (the same bits for any thread
-/// count). Throws std::invalid_argument for shapes that do not match the forward's.
+/// Streaming backward of `attention(q, k, v, encoder, out, lse, options)` into buffers the caller
+/// owns, for training loops that allocate nothing in the steady state: given the forward's `out`
+/// [H, N, Dv] and `lse` [H, N] and dout = ∂L/∂out [H, N, Dv], writes ∂L/∂q, ∂L/∂k, ∂L/∂v into
+/// grads.dq [H, N, D], grads.dk [H_kv, M, D], grads.dv [H_kv, M, Dv] and ADDS the encoder's
+/// parameter gradient to grads.encoder (as PyTorch accumulates .grad: an encoder shared by several
+/// layers, such as T5's bias, collects every layer's share; call grads.encoder.set_zero() before
+/// the next step). grads.encoder must have the shapes of encoder.zero_gradient().
+/// Same options as the forward (mask, offsets, positions, segments, grouped-query attention,
+/// blocks, threads). Extra memory O(tile) per thread plus one parameter-gradient accumulator per
+/// task; deterministic (the same bits for any thread count). Throws std::invalid_argument for
+/// shapes that do not match the forward's, and for gradient buffers that share memory with an
+/// input or with each other.
 template <HeadsLike Q, HeadsLike K, HeadsLike V, HeadsLike O, HeadsLike DO,
           AttentionEncoder Encoder>
-AttentionGradients<heads_scalar_t<Q>, Encoder> attention_backward(
-    const Q& q, const K& k, const V& v, const Encoder& encoder, const O& out,
-    const Eigen::Ref<const Matrix<heads_scalar_t<Q>>>& lse, const DO& dout,
-    const AttentionOptions& options = {}) {
+void attention_backward(const Q& q, const K& k, const V& v, const Encoder& encoder, const O& out,
+                        const Eigen::Ref<const Matrix<heads_scalar_t<Q>>>& lse, const DO& dout,
+                        AttentionGradients<heads_scalar_t<Q>, Encoder>& grads,
+                        const AttentionOptions& options = {}) {
   using Scalar = heads_scalar_t<Q>;
   detail::check_qkv_scalars<Q, K, V>();
   detail::check_qkv_scalars<Q, O, DO>();
@@ -112,11 +150,36 @@ AttentionGradients<heads_scalar_t<Q>, Encoder> attention_backward(
   detail::require(lse.rows() == p.heads && lse.cols() == p.queries, fn, "lse has shape [",
                   lse.rows(), ", ", lse.cols(), "] but must be [", p.heads, ", ", p.queries,
                   "] (the row log-sum-exp of the forward)");
-  AttentionGradients<Scalar, Encoder> grads = detail::empty_gradients(p, encoder);
+  detail::require_gradient_buffers(fn, grads, p, out_view, dout_view);
   kernel::stream_backward(
       p, encoder, kernel::BackwardInputs<Scalar>{out_view, dout_view, lse},
       kernel::BackwardOutputs<Scalar>{grads.dq.view(), grads.dk.view(), grads.dv.view()},
       grads.encoder);
+}
+
+/// Streaming backward of `attention(q, k, v, encoder, out, lse, options)`: given the forward's
+/// `out` [H, N, Dv] and `lse` [H, N] and dout = ∂L/∂out [H, N, Dv], returns ∂L/∂q, ∂L/∂k, ∂L/∂v
+/// and the encoder's parameter gradient (the overload above writes into buffers the caller keeps).
+/// Same options as the forward (mask, offsets, positions, segments, grouped-query attention,
+/// blocks, threads). Extra memory O(tile) per thread plus one parameter-gradient accumulator per
+/// task; deterministic (the same bits for any thread count). Throws std::invalid_argument for
+/// shapes that do not match the forward's.
+template <HeadsLike Q, HeadsLike K, HeadsLike V, HeadsLike O, HeadsLike DO,
+          AttentionEncoder Encoder>
+AttentionGradients<heads_scalar_t<Q>, Encoder> attention_backward(
+    const Q& q, const K& k, const V& v, const Encoder& encoder, const O& out,
+    const Eigen::Ref<const Matrix<heads_scalar_t<Q>>>& lse, const DO& dout,
+    const AttentionOptions& options = {}) {
+  using Scalar = heads_scalar_t<Q>;
+  const auto qv = detail::as_const_view(q);
+  const auto kv = detail::as_const_view(k);
+  const auto vv = detail::as_const_view(v);
+  AttentionGradients<Scalar, Encoder> grads{Heads<Scalar>(qv.heads(), qv.rows(), qv.dim()),
+                                            Heads<Scalar>(kv.heads(), kv.rows(), kv.dim()),
+                                            Heads<Scalar>(vv.heads(), vv.rows(), vv.dim()),
+                                            {}};
+  if constexpr (HasLearnableParameters<Encoder>) grads.encoder = encoder.zero_gradient();
+  attention_backward(q, k, v, encoder, out, lse, dout, grads, options);
   return grads;
 }
 

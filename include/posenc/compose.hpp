@@ -192,6 +192,10 @@ class Composed {
       second += other.second;
       return *this;
     }
+    void set_zero() {
+      first.set_zero();
+      second.set_zero();
+    }
   };
 
   Gradient zero_gradient() const requires learnable { return {zero_of(first_), zero_of(second_)}; }

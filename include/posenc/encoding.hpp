@@ -231,20 +231,24 @@ struct RequireOnlyStages {
 /// Learnable parameters: `typename E::Gradient`, a plain struct with one member per learnable
 /// parameter, named and shaped like the parameter (so an optimiser walks both side by side);
 /// `e.zero_gradient()` returns one filled with zeros; `g += other` sums two (the kernel keeps one
-/// accumulator per thread and sums them in thread order at the end).
+/// accumulator per task and sums them in task order at the end); `g.set_zero()` zeroes one in
+/// place, keeping its storage (the kernel reuses its accumulators from call to call, so that a
+/// training step allocates nothing).
 template <class E>
 concept HasLearnableParameters = requires(const E& e, typename E::Gradient& g,
                                           const typename E::Gradient& other) {
   { e.zero_gradient() } -> std::same_as<typename E::Gradient>;
   g += other;
+  g.set_zero();
 };
 
 /// The backward form of a ScoreBias with learnable parameters:
 /// `accumulate_bias_gradient(head, query_positions, key_positions, dbias, gradient)` adds
 /// Σ_{r,c} dbias(r, c) · ∂B_h(query_positions[r], key_positions[c]) / ∂θ to the member of
-/// `gradient` for every parameter θ. `dbias` is ∂L/∂B over the tile: ∂L/∂logits, zero where the
-/// mask forbids a key. A bias without learnable parameters (ALiBi) needs no backward form: the
-/// kernel propagates ∂L/∂logits to q and k itself.
+/// `gradient` for every parameter θ. `dbias` is ∂L/∂B over the tile: from the kernel ∂L/∂logits,
+/// zero where the mask forbids a key; from a mixer that reads B (DAPE V2's convolutions read
+/// masked neighbours) possibly nonzero anywhere. A bias without learnable parameters (ALiBi)
+/// needs no backward form: the kernel propagates ∂L/∂logits to q and k itself.
 template <class E>
 concept LearnableScoreBias = ScoreBias<E> && HasLearnableParameters<E> &&
     requires(const E& e, Index head, Positions query_positions, Positions key_positions,
@@ -298,6 +302,25 @@ concept DifferentiableRelativeKeyValue = RelativeKeyValue<E> && HasLearnablePara
   e.accumulate_relative_gradient(head, query_positions, key_positions, in, in, in, in, gradient);
 };
 
+/// The backward form of a ScoreMixer (DAPE), with the arguments of mix:
+/// `mix_backward(query_positions, key_positions, first_key, key_count, logits, dscores, dlogits,
+/// gradient)` takes dscores = ∂L/∂scores [heads, rows·key_count] (zero where the mask forbids a
+/// key), writes dlogits = ∂L/∂logits [heads, rows·K] at all K keys of `logits` and adds the
+/// parameters' share (its network's and its own bias's) to `gradient`; the overload without
+/// `gradient` writes dlogits only. A logit reaches the scores of up to key_halo() keys on each
+/// side, so with a halo dlogits is the share of this call's scores: the kernel sums the shares of
+/// every call whose scores a key's logit reaches.
+template <class E>
+concept DifferentiableScoreMixer = ScoreMixer<E> && HasLearnableParameters<E> &&
+    requires(const E& e, Positions query_positions, Positions key_positions, Index first_key,
+             Index key_count, ConstTileRef<typename E::Scalar> logits,
+             ConstTileRef<typename E::Scalar> dscores, TileRef<typename E::Scalar> dlogits,
+             typename E::Gradient& gradient) {
+  e.mix_backward(query_positions, key_positions, first_key, key_count, logits, dscores, dlogits);
+  e.mix_backward(query_positions, key_positions, first_key, key_count, logits, dscores, dlogits,
+                 gradient);
+};
+
 /// The backward form of an AbsoluteEncoding with learnable parameters (a learned table):
 /// `accumulate_gradient(dx, first_position, gradient)` adds the parameters' share of ∂L/∂x for
 /// rows added by add_to(x, first_position) (∂L/∂x itself passes through the addition unchanged).
@@ -311,6 +334,7 @@ concept LearnableAbsoluteEncoding = AbsoluteEncoding<E> && HasLearnableParameter
 /// The gradient of an encoder without learnable parameters: empty.
 struct NoGradient {
   NoGradient& operator+=(const NoGradient&) { return *this; }
+  void set_zero() {}
 };
 
 /// E::Gradient for an encoder with learnable parameters, else NoGradient.

@@ -101,6 +101,44 @@ TEST(SteadyStateAllocation, SecondCallOfAShapeAllocatesNothing) {
   }
 }
 
+/// A training step's attention, forward (out and lse into the caller's buffers) and backward
+/// (gradients into the caller's AttentionGradients), allocates nothing once warm, for encoders
+/// with and without learnable parameters; the encoder gradient accumulates across calls.
+template <class Encoder>
+void expect_training_step_allocates_nothing(const Encoder& encoder, int threads, const char* what) {
+  auto rng = test::make_rng(72);
+  const auto q = test::random_heads<float>(4, 200, 32, rng);
+  const auto k = test::random_heads<float>(4, 200, 32, rng);
+  const auto v = test::random_heads<float>(4, 200, 32, rng);
+  const auto dout = test::random_heads<float>(4, 200, 32, rng);
+  Heads<float> out(4, 200, 32);
+  Matrix<float> lse(4, 200);
+  const AttentionOptions options{.threads = threads, .query_block = 64, .key_block = 64};
+  AttentionGradients<float, Encoder> grads =
+      attention_backward(q, k, v, encoder, out, lse, dout, options);
+  const auto step = [&] {
+    attention(q, k, v, encoder, out.view(), lse, options);
+    if constexpr (HasLearnableParameters<Encoder>) grads.encoder.set_zero();
+    attention_backward(q, k, v, encoder, out, lse, dout, grads, options);
+  };
+  for (int warm_up = 0; warm_up < 3; ++warm_up) step();
+  const Heads<float> dq = grads.dq;
+  EXPECT_EQ(count_allocations(step), 0) << what << ", threads " << threads;
+  EXPECT_EQ((grads.dq.flat() - dq.flat()).cwiseAbs().maxCoeff(), 0.0f) << what;
+}
+
+TEST(SteadyStateAllocation, TrainingStepAllocatesNothing) {
+  auto rng = test::make_rng(73);
+  for (const int threads : {1, 2}) {
+    expect_training_step_allocates_nothing(NoPositionalEncoding{}, threads, "NoPE");
+    expect_training_step_allocates_nothing(Kerple<float>::random(KerpleKernel::log, 4, rng),
+                                           threads, "KERPLE");
+    expect_training_step_allocates_nothing(
+        T5RelativeBias<float>::random(4, 0.1, rng, {.bidirectional = false}), threads, "T5");
+    expect_training_step_allocates_nothing(RotaryEncoding<float>(32), threads, "RoPE");
+  }
+}
+
 /// Decodes with a KvCache of `encoder` (capacity reserved by `cache_options`): a prefill, a few
 /// warm-up steps (threads build their workspaces, leases grow), then measured steps that must
 /// allocate nothing. A step appends `tokens` rows of k and v and attends their queries into a

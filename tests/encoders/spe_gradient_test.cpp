@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <random>
 #include <string>
@@ -23,6 +24,7 @@
 #include "posenc/encoders/conv_spe.hpp"
 #include "posenc/encoders/sine_spe.hpp"
 #include "posenc/encoders/spe_gate.hpp"
+#include "support/backward_trials.hpp"
 #include "support/golden.hpp"
 #include "support/gradient_golden.hpp"
 #include "support/test_support.hpp"
@@ -371,7 +373,12 @@ void expect_tile_backward_matches_differences(const SpeFamily<Encoder>& family, 
           encoder.transform_keys_backward(h, positions, 0, in[hs], dout[hs], din_plain);
           encoder.transform_keys(h, positions, 0, in[hs], out);
         }
-        EXPECT_EQ(din, din_plain) << where;
+        // The overloads with and without the gradient share filter_backward; din agrees to a
+        // few ulps (the branch that accumulates the gradient changes which products GCC -O3
+        // contracts into FMAs).
+        EXPECT_LE((din - din_plain).cwiseAbs().maxCoeff(),
+                  8 * std::numeric_limits<double>::epsilon() * din.cwiseAbs().maxCoeff())
+            << where;
         for (Index r = 0; r < rows; ++r) {  // the forward against the codes, row by row
           const Index p = positions[static_cast<std::size_t>(r)];
           const Matrix<double> code = query ? encoder.query_code(h, p) : encoder.key_code(h, p);
@@ -518,52 +525,26 @@ template <class Scalar, class Encoder, class Flatten>
 void expect_spe_streaming_matches_reference(const Encoder& encoder, Index H, Index D,
                                             const Flatten& flatten, std::uint64_t salt,
                                             const std::string& label) {
-  auto rng = test::make_rng(salt);
-  std::uniform_int_distribution<Index> size(1, 30);
   const double tolerance = std::is_same_v<Scalar, float> ? 2e-4 : 1e-11;
-  for (int trial = 0; trial < 6; ++trial) {
-    const Index N = size(rng), M = size(rng) + 3, Dv = 1 + trial % 4;
-    const auto q = test::random_heads<Scalar>(H, N, D, rng);
-    const auto k = test::random_heads<Scalar>(H, M, D, rng);
-    const auto v = test::random_heads<Scalar>(H, M, Dv, rng);
-    const auto dout = test::random_heads<Scalar>(H, N, Dv, rng);
-    std::vector<Index> kpos = test::iota(M, 2);
-    std::shuffle(kpos.begin(), kpos.end(), rng);
-    std::vector<Index> qseg(static_cast<std::size_t>(N)), kseg(static_cast<std::size_t>(M));
-    for (Index r = 0; r < N; ++r) qseg[static_cast<std::size_t>(r)] = 2 * r / N;
-    for (Index c = 0; c < M; ++c) kseg[static_cast<std::size_t>(c)] = 2 * c / M;
-    const Mask masks[] = {Mask::causal(), Mask::none(), Mask::sliding_window(3 + trial)};
-    AttentionOptions options{.mask = masks[trial % 3],
-                             .query_offset = std::max<Index>(M - N, 0) + trial % 3,
-                             .query_block = 1 + trial % 5,
-                             .key_block = 2 + trial % 4};
-    if (trial % 2 == 1) options.key_positions = kpos;
-    if (trial % 3 == 2) {
-      options.query_segments = qseg;
-      options.key_segments = kseg;
-    }
-    const auto reference = attention_backward_reference(q, k, v, encoder, dout, options);
-    Heads<Scalar> out(H, N, Dv);
-    Matrix<Scalar> lse(H, N);
-    attention(q, k, v, encoder, out.view(), lse, options);
-    std::array<AttentionGradients<Scalar, Encoder>, 2> streamed;
-    for (const int threads : {1, 2}) {
-      options.threads = threads;
-      streamed[static_cast<std::size_t>(threads - 1)] =
-          attention_backward(q, k, v, encoder, out, lse, dout, options);
-    }
-    const std::string where = label + " trial " + std::to_string(trial);
-    const auto& s = streamed[0];
-    EXPECT_LT(test::relative_error(s.dq.flat(), reference.dq.flat()), tolerance) << where << " dq";
-    EXPECT_LT(test::relative_error(s.dk.flat(), reference.dk.flat()), tolerance) << where << " dk";
-    EXPECT_LT(test::relative_error(s.dv.flat(), reference.dv.flat()), tolerance) << where << " dv";
-    const Vector<Scalar> params = flatten(s.encoder);
-    EXPECT_LT(test::relative_error(params, flatten(reference.encoder)), tolerance)
-        << where << " parameters";
-    EXPECT_EQ(s.dq.flat(), streamed[1].dq.flat()) << where << ": threads change dq";
-    EXPECT_EQ(s.dk.flat(), streamed[1].dk.flat()) << where << ": threads change dk";
-    EXPECT_EQ(params, flatten(streamed[1].encoder)) << where << ": threads change the parameters";
-  }
+  test::for_each_backward_trial<Scalar>(
+      {.heads = H,
+       .kv_heads = H,
+       .dim = D,
+       .trials = 6,
+       .salt = salt,
+       .min_keys = 4,
+       .nonnegative = true},
+      label, [&](const test::BackwardTrial<Scalar>& t) {
+        const auto reference =
+            attention_backward_reference(t.q, t.k, t.v, encoder, t.dout, t.options);
+        const auto streamed = test::backward_on_one_and_two_threads(t, encoder);
+        test::expect_backward_close_and_deterministic(streamed, reference, tolerance, t.where);
+        const Vector<Scalar> params = flatten(streamed[0].encoder);
+        EXPECT_LT(test::relative_error(params, flatten(reference.encoder)), tolerance)
+            << t.where << " parameters";
+        EXPECT_EQ(params, flatten(streamed[1].encoder))
+            << t.where << ": threads change the parameters";
+      });
 }
 
 template <class Scalar>

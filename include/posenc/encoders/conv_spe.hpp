@@ -152,6 +152,11 @@ struct ConvSpeGradient {
     detail::add_gradient(gate, other.gate);
     return *this;
   }
+  void set_zero() {
+    query_filter.flat().setZero();
+    key_filter.flat().setZero();
+    gate.setZero();
+  }
 };
 
 /// Convolutive stochastic positional encoding (Liutkus et al. 2021, arXiv 2105.08399; aliutkus/spe

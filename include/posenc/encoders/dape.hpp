@@ -15,6 +15,7 @@
 
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/random.hpp"
+#include "posenc/detail/scratch.hpp"
 #include "posenc/encoders/dape_network.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/tensor.hpp"
@@ -56,6 +57,45 @@ class DapeMixer {
     bias_.validate(shape);
   }
 
+  /// The gradient of the learnable parameters: the network's weights in DapeWeights layout (w1
+  /// [W, C·k], b1 [W], w2 [H, W·k], b2 [H], PyTorch's) and the base bias's own parameters (`bias`:
+  /// Kerple's {r1, r2}, FIRE's MLP, T5's table; NoGradient for ALiBi or no bias). B reaches the
+  /// loss twice, through the residual A + B and through the network's input; both shares are in
+  /// `bias`.
+  struct Gradient {
+    Matrix<double> w1;
+    Vector<double> b1;
+    Matrix<double> w2;
+    Vector<double> b2;
+    encoder_gradient_t<Bias> bias;
+    Gradient& operator+=(const Gradient& other) {
+      w1 += other.w1;
+      b1 += other.b1;
+      w2 += other.w2;
+      b2 += other.b2;
+      bias += other.bias;
+      return *this;
+    }
+    void set_zero() {
+      w1.setZero();
+      b1.setZero();
+      w2.setZero();
+      b2.setZero();
+      bias.set_zero();
+    }
+  };
+
+  Gradient zero_gradient() const {
+    const DapeWeights& w = weights();
+    Gradient g{Matrix<double>::Zero(w.w1.rows(), w.w1.cols()),
+               Vector<double>::Zero(w.b1.size()),
+               Matrix<double>::Zero(w.w2.rows(), w.w2.cols()),
+               Vector<double>::Zero(w.b2.size()),
+               {}};
+    if constexpr (HasLearnableParameters<Bias>) g.bias = bias_.zero_gradient();
+    return g;
+  }
+
   /// The ScoreMixer stage: scores = A + B + f([A; B]) (see Dape, DapeV2).
   void mix(Positions query_positions, Positions key_positions, Index first_key, Index key_count,
            ConstTileRef<T> logits, TileRef<T> scores) const {
@@ -72,6 +112,53 @@ class DapeMixer {
     }
   }
 
+  /// The backward of mix (DifferentiableScoreMixer): given dscores = ∂L/∂scores [H,
+  /// rows·key_count] (zero where the mask forbids a key) for the arguments of a mix call, writes
+  /// dlogits = ∂L/∂A [H, rows·K] at all K keys (with a halo: the share of this tile's scores) and
+  /// adds the gradient of the network's weights and, through ∂L/∂B = dS + the network's input
+  /// gradient, the base bias's (accumulate_bias_gradient). DapeNetwork::mix_backward has the
+  /// formulas; it recomputes the scores on the way (into per-thread scratch).
+  void mix_backward(Positions query_positions, Positions key_positions, Index first_key,
+                    Index key_count, ConstTileRef<T> logits, ConstTileRef<T> dscores,
+                    TileRef<T> dlogits, Gradient& gradient) const {
+    backward_of_dscores(query_positions, key_positions, first_key, key_count, logits, dscores,
+                        dlogits, &gradient);
+  }
+
+  /// dlogits only (no parameter gradient).
+  void mix_backward(Positions query_positions, Positions key_positions, Index first_key,
+                    Index key_count, ConstTileRef<T> logits, ConstTileRef<T> dscores,
+                    TileRef<T> dlogits) const {
+    backward_of_dscores(query_positions, key_positions, first_key, key_count, logits, dscores,
+                        dlogits, static_cast<Gradient*>(nullptr));
+  }
+
+  /// The streaming kernel's fused form (kernel/backward_mixer.hpp): mix and its backward in one
+  /// sweep over the tile's chunks. Writes scores [H, rows·key_count] = mix(logits) block by block
+  /// and after each block calls `finish(r0, rows, c0, count)`, which must turn the block (rows
+  /// [r0, r0 + rows) × score columns [c0, c0 + count), every head) of `dscores` into ∂L/∂scores
+  /// (it may rewrite the block of `scores`, e.g. into probabilities); then as mix_backward, with
+  /// `gradient` null for dlogits only. The network's hidden layer is computed once per pixel.
+  template <class Finish>
+  void mix_and_backward(Positions query_positions, Positions key_positions, Index first_key,
+                        Index key_count, ConstTileRef<T> logits, TileRef<T> scores,
+                        ConstTileRef<T> dscores, const Finish& finish, TileRef<T> dlogits,
+                        Gradient* gradient) const {
+    const auto add_bias = [&](Index head, Positions qpos, Positions kpos, TileRef<T> tile) {
+      if constexpr (has_bias) bias_.add_bias(head, qpos, kpos, tile);
+    };
+    const auto bias_gradient = [&](Index head, Positions qpos, Positions kpos,
+                                   ConstTileRef<T> dbias) {
+      if constexpr (LearnableScoreBias<Bias>) {
+        bias_.accumulate_bias_gradient(head, qpos, kpos, dbias, gradient->bias);
+      }
+    };
+    const bool with_dbias = LearnableScoreBias<Bias> && gradient != nullptr;
+    network_.mix_backward(query_positions, key_positions, first_key, key_count, logits, scores,
+                          dscores, finish, dlogits, add_bias, with_dbias ? &bias_gradient : nullptr,
+                          gradient, fn_, has_bias && DistanceBias<Bias>);
+  }
+
  protected:
   DapeMixer(Bias bias, DapeWeights weights, Index kernel, bool tril, const char* fn)
       : bias_(std::move(bias)), network_(std::move(weights), kernel, has_bias, tril, fn), fn_(fn) {
@@ -86,6 +173,19 @@ class DapeMixer {
   }
 
  private:
+  /// mix_backward: mix_and_backward with dscores given (no finish), the scores in scratch.
+  void backward_of_dscores(Positions query_positions, Positions key_positions, Index first_key,
+                           Index key_count, ConstTileRef<T> logits, ConstTileRef<T> dscores,
+                           TileRef<T> dlogits, Gradient* gradient) const {
+    ScratchLease<RowScratch<T>> lease;
+    const Index size = heads() * static_cast<Index>(query_positions.size()) * key_count;
+    Eigen::Map<Matrix<T>> scores(grow(lease.get().values, size), heads(),
+                                 static_cast<Index>(query_positions.size()) * key_count);
+    const auto finish = [](Index, Index, Index, Index) {};
+    mix_and_backward(query_positions, key_positions, first_key, key_count, logits, scores, dscores,
+                     finish, dlogits, gradient);
+  }
+
   Bias bias_;
   DapeNetwork<T> network_;
   const char* fn_;
@@ -204,6 +304,7 @@ class DapeV2 : public detail::DapeMixer<T, Bias> {
 static_assert(ScoreMixer<Dape<float>>);
 static_assert(ScoreMixer<Dape<double>>);
 static_assert(ScoreMixer<DapeV2<float>>);
+static_assert(DifferentiableScoreMixer<Dape<float>> && DifferentiableScoreMixer<DapeV2<double>>);
 static_assert(!ScoreBias<Dape<float>> && !QueryKeyTransform<Dape<float>>,
               "Dape must not look like a ScoreBias: the kernel would add B twice");
 

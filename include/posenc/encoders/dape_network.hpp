@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The network of DAPE and DAPE V2 on tiles of all heads: its weights as PyTorch holds them
-// (DapeWeights), the tiling of a score tile into runs, bands and chunks, and the two layers
-// (detail/dape_layer.hpp). The public encoders are in encoders/dape.hpp.
+// (DapeWeights), the tiling of a score tile into runs, bands and chunks, the two layers
+// (detail/dape_layer.hpp) and their backward on the same chunks. The public encoders are in
+// encoders/dape.hpp.
 #pragma once
 
 #include <algorithm>
@@ -54,6 +55,81 @@ struct DapeScratch {
   std::vector<T*> hidden_out, output_rows;
   std::vector<Index> window_positions;
 };
+
+/// Scratch of the backward (DapeNetwork::mix_backward), leased per thread: the forward's chunk
+/// buffers, one chunk of ∂L/∂scores, of the hidden layer's and of the input's gradient (dS [H,
+/// ld], dz [W, ld], dx [C, padded]), one band of ∂L/∂B, and the weight gradient of one call
+/// (tap-major, as the layers hold the weights). O(chunk + band); each buffer grows to the largest
+/// size seen.
+template <class T>
+struct DapeBackwardScratch {
+  DapeScratch<T> forward;
+  Vector<T> ds, dz, dx, dbias;
+  Vector<T> dw1, db1, dw2, db2;
+  // backward_by_rows: per-distance sums of dz [W, Lp] and dS [H, Lp], and dB per distance [H, Lp].
+  Vector<T> dz_sums, ds_sums, dbias_window;
+  std::vector<const T*> ds_in, dz_in, left_rows, right_rows;
+  std::vector<T*> dz_out, dx_out;
+};
+
+/// out[i·stride + j] += Σ_{q < count} a[i][q]·b[j][q] for i < MA, j < MB, in registers (count a
+/// multiple of the packet width).
+template <class T, int MA, int MB>
+void dape_product_block(const T* const* a, const T* const* b, Index count, T* out, Index stride) {
+  using Packet = typename SimdPacket<T>::Packet;
+  using namespace Eigen::internal;
+  constexpr Index W = SimdPacket<T>::width;
+  Packet acc[MA][MB];
+  for (int i = 0; i < MA; ++i) {
+    for (int j = 0; j < MB; ++j) acc[i][j] = pset1<Packet>(T(0));
+  }
+  for (Index q = 0; q < count; q += W) {
+    Packet bp[MB];
+    for (int j = 0; j < MB; ++j) bp[j] = ploadu<Packet>(b[j] + q);
+    for (int i = 0; i < MA; ++i) {
+      const Packet ap = ploadu<Packet>(a[i] + q);
+      for (int j = 0; j < MB; ++j) acc[i][j] = pmadd(ap, bp[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MA; ++i) {
+    for (int j = 0; j < MB; ++j) out[i * stride + j] += sum_lanes(acc[i][j]);
+  }
+}
+
+/// Σ_{q < count} row[q] (count a multiple of the packet width), in packets: a bias's gradient.
+template <class T>
+T dape_row_sum(const T* row, Index count) {
+  using Packet = typename SimdPacket<T>::Packet;
+  using namespace Eigen::internal;
+  constexpr Index W = SimdPacket<T>::width;
+  Packet acc[2] = {pset1<Packet>(T(0)), pset1<Packet>(T(0))};
+  Index q = 0;
+  for (; q + 2 * W <= count; q += 2 * W) {
+    acc[0] = padd(acc[0], ploadu<Packet>(row + q));
+    acc[1] = padd(acc[1], ploadu<Packet>(row + q + W));
+  }
+  if (q < count) acc[0] = padd(acc[0], ploadu<Packet>(row + q));
+  return sum_lanes(padd(acc[0], acc[1]));
+}
+
+/// The weight gradient of a layer over a chunk: out[i·stride + j] += Σ_q a[i][q]·b[j][q], i < na,
+/// j < nb, q < count (a multiple of the packet width), i.e. [na × count]·[count × nb] for row
+/// pointers a (the layer's output gradient) and b (its input, shifted by the tap). Blocks of 4 × 2
+/// rows.
+template <class T>
+void dape_accumulate_products(const T* const* a, Index na, const T* const* b, Index nb, Index count,
+                              T* out, Index stride) {
+  Index i = 0;
+  const auto row_block = [&]<int MA>(std::integral_constant<int, MA>) {
+    Index j = 0;
+    for (; j + 2 <= nb; j += 2) {
+      dape_product_block<T, MA, 2>(a + i, b + j, count, out + i * stride + j, stride);
+    }
+    if (j < nb) dape_product_block<T, MA, 1>(a + i, b + j, count, out + i * stride + j, stride);
+  };
+  for (; i + 4 <= na; i += 4) row_block(std::integral_constant<int, 4>{});
+  for (; i < na; ++i) row_block(std::integral_constant<int, 1>{});
+}
 
 /// Pixels (query/key pairs) per chunk of the network, small enough that the chunk's input (C
 /// rows), hidden layer (W rows) and output stay in L1/L2 (W = 32, float: 48 KiB of hidden layer);
@@ -130,6 +206,13 @@ class DapeNetwork {
     }
     b1_ = weights_.b1.template cast<T>();
     b2_ = weights_.b2.template cast<T>();
+    w1t_.resize(channels_, kernel_ * width_);
+    w2t_.resize(width_, kernel_ * heads_);
+    for (Index t = 0; t < kernel_; ++t) {
+      w1t_.middleCols(t * width_, width_) = w1_.middleCols(t * channels_, channels_).transpose();
+      w2t_.middleCols(t * heads_, heads_) = w2_.middleCols(t * width_, width_).transpose();
+    }
+    zeros_ = Vector<T>::Zero(std::max(width_, channels_));
     if (kernel_ == 1 && !tril_ && with_bias_) {
       w1_logits_ = w1_.leftCols(heads_);
       w1_bias_ = w1_.rightCols(heads_);
@@ -167,43 +250,40 @@ class DapeNetwork {
       mix_by_distance(query_positions, key_positions, logits, scores, add_bias);
       return;
     }
-    const Index half = kernel_ / 2;
-    const Index runs = (key_count + dape_max_run - 1) / dape_max_run;
-    const Index run_length = (key_count + runs - 1) / runs;
-    const Index rows_per_chunk = std::max<Index>(1, dape_chunk_pixels / (run_length + 4 * half));
-    const Index rows_per_band =
-        rows_per_chunk * std::max<Index>(1, dape_band_pixels / (rows_per_chunk * run_length));
     ScratchLease<DapeScratch<T>> lease;
     DapeScratch<T>& scratch = lease.get();
     const Tile tile{query_positions, key_positions,        logits.data(), logits.outerStride(),
                     scores.data(),   scores.outerStride(), first_key,     key_count};
-    for (Index run_first = first_key; run_first < first_key + key_count; run_first += run_length) {
-      Band band{0, 0, run_first, std::min(run_first + run_length, first_key + key_count), 0, 0};
-      band.in_first = std::max<Index>(0, run_first - 2 * half);
-      band.in_last = std::min<Index>(K, band.last + 2 * half);
-      for (band.r0 = 0; band.r0 < rows; band.r0 += rows_per_band) {
-        band.rows = std::min(rows_per_band, rows - band.r0);
-        T* bias = nullptr;
-        if (with_bias_) {
-          const Index count = band.in_last - band.in_first;
-          bias = grow(scratch.bias, heads_ * band.rows * count);
-          std::fill(bias, bias + heads_ * band.rows * count, T(0));
-          for (Index h = 0; h < heads_; ++h) {
-            Eigen::Map<Matrix<T>> b(bias + h * band.rows * count, band.rows, count);
-            add_bias(h,
-                     query_positions.subspan(static_cast<std::size_t>(band.r0),
-                                             static_cast<std::size_t>(band.rows)),
-                     key_positions.subspan(static_cast<std::size_t>(band.in_first),
-                                           static_cast<std::size_t>(count)),
-                     b);
-          }
-        }
-        for (Index r0 = 0; r0 < band.rows; r0 += rows_per_chunk) {
-          run_chunk(tile, band, r0, std::min(rows_per_chunk, band.rows - r0), bias, scratch);
-        }
+    for_each_band(tile, add_bias, scratch.bias, [&](const Band& band, const T* bias) {
+      for (Index r0 = 0; r0 < band.rows; r0 += band.chunk_rows) {
+        run_chunk(tile, band, r0, std::min(band.chunk_rows, band.rows - r0), bias, scratch);
       }
-    }
+    });
   }
+
+  /// The backward of mix on one tile, fused with its forward, chunk by chunk (the chunks of mix).
+  /// With x = tril?([A; B]) zero-padded along the keys, z = b1 + Σ_t W1_t·x(j + t − k/2), a =
+  /// LeakyReLU(z) (zero outside the sequence), g = b2 + Σ_t W2_t·a(j + t − k/2) and S = A + B + g:
+  /// each chunk writes S to `scores` [H, rows·key_count], calls `finish(r0, rows, c0, count)`,
+  /// which must turn dscores [H, rows·key_count] into dS = ∂L/∂S on the block of rows [r0, r0 +
+  /// rows) × score columns [c0, c0 + count) of every head (the streaming kernel's softmax backward:
+  /// S → P, dP → P ∘ (dP − D)), then goes back through the network with a, kept from the forward:
+  ///   db2 += Σ_j dS(j),  dW2_t += Σ_j dS(j)·a(j + t − k/2)ᵀ,  da(i) = Σ_t W2_tᵀ·dS(i − t + k/2),
+  ///   dz = da ∘ LeakyReLU'(z),  db1 += Σ_i dz(i),  dW1_t += Σ_i dz(i)·x(i + t − k/2)ᵀ,
+  ///   dx(m) = Σ_t W1_tᵀ·dz(m − t + k/2) (times the tril),  dA = dS + dx_A,  dB = dS + dx_B,
+  /// each a GEMM over the chunk ([W × k·H]·[k·H × pixels], [H × pixels]·[pixels × W], …). Writes
+  /// dlogits = dA [H, rows·K] at every key (a key's logit reaches the scores of up to k − 1
+  /// neighbours on each side: with a halo, this is the tile's share), passes dB of each band to
+  /// `bias_gradient(h, qpos, kpos, dB_h)` when it is non-null (the band's rows × input keys) and
+  /// adds dW1, db1, dW2, db2 in DapeWeights layout to `*gradient` when it is non-null.
+  /// `distance_bias`: B_h(i, j) depends on i − j only (DAPE's tiles of whole-packet rows with
+  /// consecutive positions then take backward_by_rows).
+  template <class AddBias, class Finish, class BiasGradient, class WeightGradient>
+  void mix_backward(Positions query_positions, Positions key_positions, Index first_key,
+                    Index key_count, ConstTileRef<T> logits, TileRef<T> scores,
+                    ConstTileRef<T> dscores, const Finish& finish, TileRef<T> dlogits,
+                    const AddBias& add_bias, const BiasGradient* bias_gradient,
+                    WeightGradient* gradient, const char* fn, bool distance_bias = false) const;
 
  private:
   /// The arguments of one mix call.
@@ -216,11 +296,78 @@ class DapeNetwork {
     Index first_key, key_count;
   };
 
-  /// Query rows [r0, r0 + rows) × output keys [first, last) of a tile, whose input keys are
-  /// [in_first, in_last) (the run and its neighbours inside the sequence).
-  struct Band {
-    Index r0, rows, first, last, in_first, in_last;
+  /// What the backward adds to a Tile: dS (row h at dscores + h·dscores_stride, [rows·key_count])
+  /// and dA (row h at dlogits + h·dlogits_stride, [rows·K]).
+  struct BackwardTile {
+    const T* dscores;
+    Index dscores_stride;
+    T* dlogits;
+    Index dlogits_stride;
   };
+
+  /// The weight gradient of one backward call, tap-major as w1_, b1_, w2_, b2_ (null: none).
+  struct WeightGradients {
+    T* dw1;
+    T* db1;
+    T* dw2;
+    T* db2;
+  };
+
+  /// Query rows [r0, r0 + rows) × output keys [first, last) of a tile, whose input keys are
+  /// [in_first, in_last) (the run and its neighbours inside the sequence), cut into chunks of
+  /// chunk_rows rows.
+  struct Band {
+    Index r0, rows, first, last, in_first, in_last, chunk_rows;
+  };
+
+  /// A chunk in the gathered layout: query rows [first_row, first_row + rows) of the tile, each a
+  /// segment of S slots (slot u: key column slot_key + u of the row; the run's count output keys
+  /// at slots [2·half, 2·half + count)), slots = rows·S pixels padded to `padded`; the input,
+  /// hidden layer and dS buffers hold slot q at column half + q of rows of ld = padded + 2·half.
+  struct ChunkLayout {
+    Index first_row, rows, count, S, padded, ld, slot_key;
+  };
+
+  /// Cuts a tile into runs of at most dape_max_run keys and each run into bands of query rows,
+  /// fills the bias B of each band ([H] blocks band.rows × (in_last − in_first), row-major, in
+  /// `bias_buffer`; null without a bias) and calls body(band, B).
+  template <class AddBias, class Body>
+  void for_each_band(const Tile& tile, const AddBias& add_bias, Vector<T>& bias_buffer,
+                     const Body& body) const {
+    const auto rows = static_cast<Index>(tile.qpos.size());
+    const auto K = static_cast<Index>(tile.kpos.size());
+    const Index half = kernel_ / 2;
+    const Index end = tile.first_key + tile.key_count;
+    const Index runs = (tile.key_count + dape_max_run - 1) / dape_max_run;
+    const Index run_length = (tile.key_count + runs - 1) / runs;
+    const Index chunk_rows = std::max<Index>(1, dape_chunk_pixels / (run_length + 4 * half));
+    const Index band_rows =
+        chunk_rows * std::max<Index>(1, dape_band_pixels / (chunk_rows * run_length));
+    for (Index run_first = tile.first_key; run_first < end; run_first += run_length) {
+      Band band{0, 0, run_first, std::min(run_first + run_length, end), 0, 0, chunk_rows};
+      band.in_first = std::max<Index>(0, run_first - 2 * half);
+      band.in_last = std::min<Index>(K, band.last + 2 * half);
+      for (band.r0 = 0; band.r0 < rows; band.r0 += band_rows) {
+        band.rows = std::min(band_rows, rows - band.r0);
+        T* bias = nullptr;
+        if (with_bias_) {
+          const Index count = band.in_last - band.in_first;
+          bias = grow(bias_buffer, heads_ * band.rows * count);
+          std::fill(bias, bias + heads_ * band.rows * count, T(0));
+          for (Index h = 0; h < heads_; ++h) {
+            Eigen::Map<Matrix<T>> b(bias + h * band.rows * count, band.rows, count);
+            add_bias(h,
+                     tile.qpos.subspan(static_cast<std::size_t>(band.r0),
+                                       static_cast<std::size_t>(band.rows)),
+                     tile.kpos.subspan(static_cast<std::size_t>(band.in_first),
+                                       static_cast<std::size_t>(count)),
+                     b);
+          }
+        }
+        body(band, static_cast<const T*>(bias));
+      }
+    }
+  }
 
   /// DAPE (k = 1) on a tile with consecutive positions, whole-packet rows and a bias that depends
   /// on i − j only. B then takes rows + K − 1 values per head (one per distance, from a single
@@ -286,12 +433,25 @@ class DapeNetwork {
     }
   }
 
+  /// The backward of DAPE (k = 1, no tril) on a tile of whole-packet rows (first_key = 0, key_count
+  /// = K, K a multiple of the packet width), without a bias or with a distance bias and
+  /// consecutive positions: the layers read and write the tile's logits, scores, dS and dA in
+  /// place (no gathered copy), a chunk of whole rows at a time. With a bias, B and W1_B·B are
+  /// computed once per distance of the tile, as mix_by_distance does (the recomputed scores are
+  /// the forward's, bit for bit), so the first layer reads only the logits; and since B_h(i, j)
+  /// depends on m = (rows − 1 − r) + c alone, so do its gradients' shares: with dz and dS summed
+  /// per distance, dW1_B = Σ_m Σdz(m)·B(m)ᵀ and ∂L/∂B(m) = ΣdS(m) + W1_Bᵀ·Σdz(m) (one value per
+  /// distance, passed to `bias_gradient` as a row of the last query against the window's keys).
+  template <class Finish, class AddBias, class BiasGradient>
+  void backward_by_rows(const Tile& tile, const BackwardTile& back, const Finish& finish,
+                        const AddBias& add_bias, const BiasGradient* bias_gradient,
+                        const WeightGradients& grads, DapeBackwardScratch<T>& scratch) const;
+
   /// Rows [band.r0 + r0, … + rows) of a band. Each row is a segment of S slots, slot u holding
   /// key column band.first − 2·half + u. When the chunk is a contiguous block of the logits, the
   /// band's bias and the scores (DAPE over whole tile rows: no halo, no tril, one run, a whole
-  /// number of packets) the layers read and write them in place; otherwise the input is gathered
-  /// into buffers with `half` margin columns on each side, so that every tap of every slot reads
-  /// valid (zero) memory: slot q of the chunk is column half + q.
+  /// number of packets) the layers read and write them in place; otherwise forward_chunk gathers
+  /// the input.
   void run_chunk(const Tile& tile, const Band& band, Index r0, Index rows, const T* band_bias,
                  DapeScratch<T>& scratch) const {
     const auto K = static_cast<Index>(tile.kpos.size());
@@ -336,6 +496,37 @@ class DapeNetwork {
                  0, slots);
       return;
     }
+    forward_chunk(tile, band, r0, rows, band_bias, scratch);
+  }
+
+  /// run_chunk with the input gathered into buffers with `half` margin columns on each side, so
+  /// that every tap of every slot reads valid (zero) memory: slot q of the chunk is column half +
+  /// q. Leaves the input x and the hidden layer a in scratch.input and scratch.hidden ([C] and [W]
+  /// rows of ld) for the backward.
+  ChunkLayout forward_chunk(const Tile& tile, const Band& band, Index r0, Index rows,
+                            const T* band_bias, DapeScratch<T>& scratch) const {
+    const auto K = static_cast<Index>(tile.kpos.size());
+    const Index half = kernel_ / 2;
+    const Index count = band.last - band.first;
+    const Index S = count + 4 * half;
+    const Index slots = rows * S;
+    const Index in_count = band.in_last - band.in_first;
+    const Index first_row = band.r0 + r0;
+    const auto logits_row = [&](Index h, Index row) {
+      return tile.logits + h * tile.logits_stride + row * K;
+    };
+    const auto bias_row = [&](Index h, Index r) {
+      return band_bias + (h * band.rows + r0 + r) * in_count;
+    };
+    const auto scores_row = [&](Index h, Index row) {
+      return tile.scores + h * tile.scores_stride + row * tile.key_count +
+             (band.first - tile.first_key);
+    };
+    const T slope = static_cast<T>(negative_slope);
+    const T** in = grow(scratch.input_rows, kernel_ * channels_);
+    const T** hidden_in = grow(scratch.hidden_rows, kernel_ * width_);
+    T** hidden_out = grow(scratch.hidden_out, width_);
+    T** out = grow(scratch.output_rows, heads_);
 
     const Index padded = padded_width<T>(slots);
     const Index ld = padded + 2 * half;
@@ -405,7 +596,18 @@ class DapeNetwork {
         }
       }
     }
+    return ChunkLayout{first_row, rows, count, S, padded, ld, slot_key};
   }
+
+  /// The backward of one chunk (mix_backward): its forward (forward_chunk, which writes S), then
+  /// finish (S → P, dP → dS on the chunk's block of the tile), dS gathered into the slot layout
+  /// (zero outside the output slots), then the layers transposed as dape_layer GEMMs and the weight
+  /// gradients as dape_accumulate_products. dA and dB (band layout, when `dbias` is non-null) are
+  /// added at the chunk's input keys.
+  template <class Finish>
+  void backward_chunk(const Tile& tile, const BackwardTile& back, const Band& band, Index r0,
+                      Index rows, const T* band_bias, const Finish& finish, T* dbias,
+                      const WeightGradients& grads, DapeBackwardScratch<T>& scratch) const;
 
   /// DAPE V2's tril: the network's input is zero at keys after the query (position order).
   void zero_future_keys(const Tile& tile, Index first_row, Index rows, Index S, Index slot_key,
@@ -433,6 +635,9 @@ class DapeNetwork {
   Matrix<T> w2_;  // [H, k·W], column t·W + w
   Vector<T> b1_;
   Vector<T> b2_;
+  Matrix<T> w1t_;    // [C, k·W]: w1t_(c, t·W + w) = w1_(w, t·C + c), the first layer transposed
+  Matrix<T> w2t_;    // [W, k·H]: w2t_(w, t·H + h) = w2_(h, t·W + w)
+  Vector<T> zeros_;  // the bias of the transposed layers
   // DAPE (k = 1) with a bias: w1's columns for the logits and for the bias, each contiguous
   // [W, H], for mix_by_distance (else empty).
   Matrix<T> w1_logits_;
@@ -461,3 +666,6 @@ inline DapeWeights dape_random_weights(Index channels, Index width, Index heads,
 }  // namespace detail
 
 }  // namespace posenc
+
+// The backward members of DapeNetwork (mix_backward and its chunk and row paths).
+#include "posenc/encoders/dape_network_backward.hpp"  // IWYU pragma: export

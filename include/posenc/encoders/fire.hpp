@@ -255,6 +255,14 @@ class Fire {
       threshold_multiplier += other.threshold_multiplier;
       return *this;
     }
+    void set_zero() {
+      w1.setZero();
+      b1.setZero();
+      w2.setZero();
+      b2.setZero();
+      c = 0.0;
+      threshold_multiplier = 0.0;
+    }
   };
   Gradient zero_gradient() const {
     return {Matrix<double>::Zero(mlp_width(), 1),

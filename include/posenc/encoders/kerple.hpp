@@ -111,6 +111,10 @@ class Kerple {
       r2 += other.r2;
       return *this;
     }
+    void set_zero() {
+      r1.setZero();
+      r2.setZero();
+    }
   };
   Gradient zero_gradient() const {
     return {Vector<double>::Zero(heads()), Vector<double>::Zero(heads())};

@@ -175,6 +175,7 @@ class LearnedAbsoluteEncoding {
       table += other.table;
       return *this;
     }
+    void set_zero() { table.setZero(); }
   };
 
   Gradient zero_gradient() const { return {Matrix<Scalar>::Zero(table_.rows(), table_.cols())}; }

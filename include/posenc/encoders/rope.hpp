@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Rotary position embedding (RoPE) as a QueryKeyTransform, with partial rotation, both channel
 // pairings and the context-extension scalings in use (linear interpolation, NTK-aware, dynamic
-// NTK, YaRN, Llama 3). The README maps these names to HF `rope_scaling` and llama.cpp options.
+// NTK, YaRN, Llama 3, LongRoPE). The README maps these names to HF `rope_scaling` and llama.cpp
+// options; posenc/io/rope_config.hpp reads them from a model's config.json or GGUF file.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <numbers>
 #include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "posenc/detail/check.hpp"
@@ -70,6 +72,15 @@ struct YarnOptions {
   double mscale_all_dim = 0.0;
 };
 
+/// LongRoPE's parameters (Phi-3 style; Ding et al. 2024, arXiv 2402.13753; HF `longrope`, llama.cpp
+/// `rope_factors_short` / `rope_factors_long`): one rescale factor per rotation pair.
+struct LongRopeOptions {
+  std::vector<double> short_factor;  // r/2 divisors of θ_k while the sequence fits L0
+  std::vector<double> long_factor;   // r/2 divisors of θ_k once it exceeds L0
+  /// Magnitude on cos and sin. Default (HF): sqrt(1 + ln(s)/ln(L0)) for s > 1, else 1.
+  std::optional<double> attention_factor = std::nullopt;
+};
+
 /// How RoPE's frequencies θ_k = base^(−2k/r) are changed to reach past the training context.
 /// s = factor, L0 = original_context (the training length), r = rotary width.
 ///
@@ -82,16 +93,19 @@ struct YarnOptions {
 ///                                magnitude on cos and sin (s >= 1, beta_fast >= beta_slow > 0)
 ///   llama3(s, L0, low, high)     θ_k kept for wavelengths < L0/high, θ_k/s above L0/low,
 ///                                smoothly mixed in between
+///   longrope(s, L0, L, options)  θ_k / f_k with f = short_factor while L <= L0, long_factor once
+///                                L > L0; cos and sin times sqrt(1 + ln s / ln L0) (s > 1)
 struct RopeScaling {
-  enum class Kind : std::uint8_t { none, linear, ntk, dynamic_ntk, yarn, llama3 };
+  enum class Kind : std::uint8_t { none, linear, ntk, dynamic_ntk, yarn, llama3, longrope };
 
   Kind kind = Kind::none;
   double factor = 1.0;
   Index original_context = 0;
-  Index sequence_length = 0;  // dynamic_ntk: the length the frequencies are computed for
+  Index sequence_length = 0;  // dynamic_ntk, longrope: the length the frequencies are for
   YarnOptions yarn_options = {};
   double low_freq_factor = 1.0;   // llama3
   double high_freq_factor = 4.0;  // llama3
+  LongRopeOptions longrope_options = {};
 
   static RopeScaling none() { return {}; }
   static RopeScaling linear(double factor) { return {.kind = Kind::linear, .factor = factor}; }
@@ -118,6 +132,24 @@ struct RopeScaling {
             .low_freq_factor = low_freq_factor,
             .high_freq_factor = high_freq_factor};
   }
+  /// LongRoPE. `factor` is HF's s = max_position_embeddings / original_max_position_embeddings
+  /// (it only sets the default attention factor); `original_context` is L0; `sequence_length` is
+  /// the length the encoder serves, max(position) + 1 over everything it will rotate: the long
+  /// factors apply when sequence_length > L0 (HF: seq_len > original_max_position_embeddings).
+  /// See RotaryEncoding::for_sequence_length and the KV-cache note there.
+  static RopeScaling longrope(double factor, Index original_context, Index sequence_length,
+                              LongRopeOptions options) {
+    return {.kind = Kind::longrope,
+            .factor = factor,
+            .original_context = original_context,
+            .sequence_length = sequence_length,
+            .longrope_options = std::move(options)};
+  }
+
+  /// LongRoPE: whether the long factors are in use (sequence_length > original_context).
+  bool uses_long_factors() const {
+    return kind == Kind::longrope && sequence_length > original_context;
+  }
 };
 
 /// Construction options of RotaryEncoding. An aggregate: `{.base = 5e5, .pairing = ...}`.
@@ -142,6 +174,13 @@ inline double yarn_magnitude(double factor, double mscale) {
   return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
 }
 
+/// LongRoPE's default attention factor (HF _compute_longrope_parameters): sqrt(1 + ln s / ln L0)
+/// for s > 1, else 1.
+inline double longrope_attention_factor(double factor, Index original_context) {
+  if (factor <= 1.0) return 1.0;
+  return std::sqrt(1.0 + std::log(factor) / std::log(static_cast<double>(original_context)));
+}
+
 /// Frequencies θ_k and the cos/sin magnitude of RoPE with a scaling, all in double.
 inline std::pair<std::vector<double>, double> rope_frequencies(double base, Index rotary_dim,
                                                                const RopeScaling& scaling) {
@@ -161,7 +200,7 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
     require(std::isfinite(s) && s > 0.0, fn, "scaling factor must be finite and positive, got ", s);
   }
   if (scaling.kind == Kind::dynamic_ntk || scaling.kind == Kind::yarn ||
-      scaling.kind == Kind::llama3) {
+      scaling.kind == Kind::llama3 || scaling.kind == Kind::longrope) {
     require(scaling.original_context >= 1, fn, "scaling original_context must be >= 1, got ",
             scaling.original_context);
   }
@@ -250,6 +289,37 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
       }
       return {theta, 1.0};
     }
+    case Kind::longrope: {
+      require(scaling.sequence_length >= 0, fn,
+              "LongRoPE sequence_length must be >= 0 (max(position) + 1), got ",
+              scaling.sequence_length);
+      // ln L0 is the denominator of the default attention factor.
+      require(scaling.original_context >= 2, fn, "LongRoPE original_context must be >= 2, got ",
+              scaling.original_context);
+      const LongRopeOptions& o = scaling.longrope_options;
+      const bool use_long = scaling.uses_long_factors();
+      const std::vector<double>& rescale = use_long ? o.long_factor : o.short_factor;
+      for (const auto* factors : {&o.short_factor, &o.long_factor}) {
+        require(static_cast<Index>(factors->size()) == pairs, fn, "LongRoPE ",
+                factors == &o.short_factor ? "short_factor" : "long_factor", " has ",
+                factors->size(), " entries but rotary_dim / 2 = ", pairs);
+        for (const double f : *factors) {
+          require(std::isfinite(f) && f > 0.0, fn, "LongRoPE ",
+                  factors == &o.short_factor ? "short_factor" : "long_factor",
+                  " entries must be finite and positive, got ", f);
+        }
+      }
+      std::vector<double> theta = default_frequencies(base);
+      for (Index k = 0; k < pairs; ++k) {
+        theta[static_cast<std::size_t>(k)] /= rescale[static_cast<std::size_t>(k)];
+      }
+      const double magnitude = o.attention_factor
+                                   ? *o.attention_factor
+                                   : longrope_attention_factor(s, scaling.original_context);
+      require(std::isfinite(magnitude) && magnitude > 0.0, fn,
+              "LongRoPE attention_factor must be finite and positive, got ", magnitude);
+      return {theta, magnitude};
+    }
   }
   return {default_frequencies(base), 1.0};
 }
@@ -268,10 +338,14 @@ inline std::pair<std::vector<double>, double> rope_frequencies(double base, Inde
 ///   ignored. `out` may be the same matrix as `in` (not a partial overlap).
 /// - Angles are formed in double (p·θ exact, reduced modulo 2π) and cast last; cos/sin rows are
 ///   cached per position on first use (thread-safe; copies share the cache).
-/// - Scalings (RopeScaling) change θ_k and, for YaRN, multiply cos and sin by a magnitude.
+/// - Scalings (RopeScaling) change θ_k and, for YaRN and LongRoPE, multiply cos and sin by a
+///   magnitude. Dynamic NTK and LongRoPE depend on the sequence length, fixed at construction
+///   (RopeScaling::sequence_length) and changed only by for_sequence_length: an encoder never
+///   switches by itself, so every key a KV cache holds and every later query share one set of
+///   frequencies.
 /// - Matches tests/data/rope.json: HF Llama/GPT-NeoX (half), HF GPT-J, Meta LLaMA and ggml
-///   (interleaved), partial rotary, HF inv_freq of every scaling, ggml linear and YaRN. Example:
-///   examples/convert_rope_pairing.cpp.
+///   (interleaved), partial rotary, HF inv_freq of every scaling, ggml linear and YaRN; LongRoPE
+///   matches tests/data/longrope.json (HF's formula). Example: examples/convert_rope_pairing.cpp.
 template <class ScalarType>
 class RotaryEncoding {
  public:
@@ -329,11 +403,19 @@ class RotaryEncoding {
   /// The magnitude on cos and sin (YaRN's attention factor; 1 otherwise).
   double magnitude() const { return magnitude_; }
 
-  /// Dynamic NTK: the encoder for a call whose positions are below `sequence_length` (HF
-  /// recomputes the frequencies whenever max(position_ids) + 1 exceeds the training length). Any
-  /// other scaling returns a copy of *this.
+  /// Dynamic NTK and LongRoPE: the encoder for a call whose positions are below
+  /// `sequence_length`. HF recomputes the frequencies per forward call from max(position_ids) + 1
+  /// (LongRoPE: long factors once it exceeds original_max_position_embeddings); llama.cpp picks
+  /// LongRoPE's factors once per context from n_ctx (long if n_ctx > the original context).
+  /// With a KV cache, HF's per-call switch leaves the cached keys rotated with the short factors
+  /// and new queries with the long ones; build the encoder once for the longest length the cache
+  /// will reach (llama.cpp's choice) to keep them consistent, or re-rotate the cache when the
+  /// factors change (scaling().uses_long_factors()). Any other scaling returns a copy of *this.
   RotaryEncoding for_sequence_length(Index sequence_length) const {
-    if (scaling_.kind != RopeScaling::Kind::dynamic_ntk) return *this;
+    if (scaling_.kind != RopeScaling::Kind::dynamic_ntk &&
+        scaling_.kind != RopeScaling::Kind::longrope) {
+      return *this;
+    }
     detail::require(sequence_length >= 0, "posenc::RotaryEncoding::for_sequence_length",
                     "sequence_length must be >= 0 (max(position_ids) + 1), got ", sequence_length);
     RopeScaling scaling = scaling_;

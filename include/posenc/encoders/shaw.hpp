@@ -143,6 +143,10 @@ class ShawRelative {
       value_table += other.value_table;
       return *this;
     }
+    void set_zero() {
+      key_table.setZero();
+      value_table.setZero();
+    }
   };
 
   Gradient zero_gradient() const {

@@ -98,6 +98,12 @@ struct SineSpeGradient {
     detail::add_gradient(gate, other.gate);
     return *this;
   }
+  void set_zero() {
+    frequencies.flat().setZero();
+    offsets.flat().setZero();
+    gains.flat().setZero();
+    gate.setZero();
+  }
 };
 
 /// Sinusoidal stochastic positional encoding (Liutkus, Cífka, Wu, Şimşekli, Yang & Richard 2021,

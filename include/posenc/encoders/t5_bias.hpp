@@ -154,6 +154,7 @@ class T5RelativeBias {
       table += other.table;
       return *this;
     }
+    void set_zero() { table.setZero(); }
   };
   Gradient zero_gradient() const { return {Matrix<T>::Zero(table_.rows(), table_.cols())}; }
 

@@ -18,12 +18,14 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "posenc/detail/parallel.hpp"
 #include "posenc/detail/scratch.hpp"
 #include "posenc/encoding.hpp"
 #include "posenc/kernel/problem.hpp"
+#include "posenc/kernel/tile_kernels.hpp"
 #include "posenc/kernel/tile_mask.hpp"
 #include "posenc/tensor.hpp"
 
@@ -36,9 +38,12 @@ struct RequireDifferentiable {
                 "posenc::attention_backward: the encoder's RelativeKeyValue stage has no backward "
                 "form (add_relative_value_scores, add_relative_query_gradient, "
                 "accumulate_relative_gradient)");
-  static_assert(!ScoreMixer<E>,
-                "posenc::attention_backward: the encoder models ScoreMixer (DAPE), whose backward "
-                "is not implemented yet");
+  static_assert(!ScoreMixer<E> || DifferentiableScoreMixer<E>,
+                "posenc::attention_backward: the encoder's ScoreMixer has no backward form "
+                "(mix_backward)");
+  static_assert(!ScoreMixer<E> || models_only<E, Stage::score_mixer, Stage::absolute>,
+                "posenc::attention_backward: a ScoreMixer's backward (kernel/backward_mixer.hpp) "
+                "takes no other attention stage (QueryKeyTransform, ScoreBias, RelativeKeyValue)");
   static_assert(!QueryKeyTransform<E> || DifferentiableTransform<E>,
                 "posenc::attention_backward: the encoder's QueryKeyTransform has no backward form "
                 "(transform_queries_backward / transform_keys_backward)");
@@ -75,41 +80,61 @@ void transform_keys_backward(const Encoder& encoder, Index g, Positions position
   }
 }
 
-/// The per-thread buffers of the backward kernel; they only grow (no allocation in the steady
-/// state).
+/// The per-thread buffers of the backward kernel, laid out for the forward's micro-kernels
+/// (kernel/tile_kernels.hpp): rows padded to whole packets, zero in the padding, and every buffer
+/// aligned as Eigen aligns its own (so each row starts on the same alignment in every thread:
+/// Eigen's vectorised reductions in the encoders' hooks split a row where it becomes aligned,
+/// and the bits must not depend on which thread's buffer a tile lands in). They only grow (no
+/// allocation in the steady state).
 template <class Scalar>
 struct BackwardWorkspace {
-  Matrix<Scalar> queries, keys, scores, dscores, dkeys, dvalues, dqueries, dq_rows;
+  using Buffer = std::vector<Scalar, Eigen::aligned_allocator<Scalar>>;
+  // Q̃ (rows × pad(Dl)), dO (rows × pad(Dv)), dQ̃ (rows × pad(Dl)).
+  Buffer queries, dout, dqueries;
+  // K̃ (cols × pad(Dl)), K̃ᵀ (Dl × pad(cols)), Vᵀ (Dv × pad(cols)), dK̃, dV (cols × pad(width)).
+  Buffer keys, keys_t, values_t, dkeys, dvalues;
+  // S then P, dP then dS (rows × pad(cols)).
+  Buffer scores, dscores;
+  Matrix<Scalar> dq_rows;  // T_qᵀ / T_kᵀ of a tile, max(rows, cols) × D
   std::vector<Index> query_positions, key_positions;
 
   void reserve(Index query_block, Index key_block, Index query_dim, Index logit_dim,
                Index value_dim) {
-    grow(queries, query_block, logit_dim);
-    grow(keys, key_block, logit_dim);
-    grow(scores, query_block, key_block);
-    grow(dscores, query_block, key_block);
-    grow(dkeys, key_block, logit_dim);
-    grow(dvalues, key_block, value_dim);
-    grow(dqueries, query_block, logit_dim);
-    grow(dq_rows, std::max(query_block, key_block), query_dim);
-    if (static_cast<Index>(query_positions.size()) < query_block) {
-      query_positions.resize(static_cast<std::size_t>(query_block));
+    const Index pl = padded_width<Scalar>(logit_dim);
+    const Index pv = padded_width<Scalar>(value_dim);
+    const Index pc = padded_width<Scalar>(key_block);
+    grow(queries, query_block * pl);
+    grow(dqueries, query_block * pl);
+    grow(dout, query_block * pv);
+    grow(keys, key_block * pl);
+    grow(dkeys, key_block * pl);
+    grow(dvalues, key_block * pv);
+    grow(keys_t, logit_dim * pc);
+    grow(values_t, value_dim * pc);
+    grow(scores, query_block * pc);
+    grow(dscores, query_block * pc);
+    const Index dq_rows_needed = std::max(query_block, key_block);
+    if (dq_rows.rows() < dq_rows_needed || dq_rows.cols() != query_dim) {
+      dq_rows.resize(dq_rows_needed, query_dim);
     }
-    if (static_cast<Index>(key_positions.size()) < key_block) {
-      key_positions.resize(static_cast<std::size_t>(key_block));
-    }
+    detail::grow(query_positions, query_block);
+    detail::grow(key_positions, key_block);
   }
 
  private:
-  static void grow(Matrix<Scalar>& m, Index rows, Index cols) {
-    if (m.size() < rows * cols) m.resize(rows * cols, 1);
+  static void grow(Buffer& buffer, Index size) {
+    if (static_cast<Index>(buffer.size()) < size) buffer.resize(static_cast<std::size_t>(size));
   }
 };
 
-/// A rows × cols row-major view of a workspace buffer.
+/// A rows × cols row-major view with row stride `ld` of a workspace buffer.
 template <class Scalar>
-Eigen::Map<Matrix<Scalar>> tile_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
-  return Eigen::Map<Matrix<Scalar>>(buffer.data(), rows, cols);
+using StridedTile = Eigen::Map<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+template <class Scalar, class Allocator>
+StridedTile<Scalar> strided_tile(std::vector<Scalar, Allocator>& buffer, Index rows, Index cols,
+                                 Index ld) {
+  return StridedTile<Scalar>(buffer.data(), rows, cols, Eigen::OuterStride<>(ld));
 }
 
 /// What the backward reads besides the problem: the forward's output and row log-sum-exp, and
@@ -127,16 +152,20 @@ struct BackwardOutputs {
   HeadsView<Scalar> dq, dk, dv;
 };
 
-/// P = exp(S − lse) row by row, in place; a row without an allowed key (lse = −inf, every
-/// score −inf) gets P = 0.
+/// P = exp(S − lse) row by row, in place, with the forward's exponential (exp_shifted_row: whole
+/// packets from the start of the row, then a scalar tail, so the result does not depend on the
+/// buffer's address, and a thread count never changes a bit); a row without an allowed key
+/// (lse = −inf, every score −inf) gets P = 0.
 template <class Scalar, class Tile>
 void probabilities_from_lse(Tile& scores, const Scalar* lse) {
+  static_assert(Tile::InnerStrideAtCompileTime == 1 && Tile::IsRowMajor,
+                "probabilities_from_lse: rows must be contiguous");
   constexpr Scalar minus_infinity = -std::numeric_limits<Scalar>::infinity();
   for (Index r = 0; r < scores.rows(); ++r) {
     if (lse[r] == minus_infinity) {
       scores.row(r).setZero();
     } else {
-      scores.row(r) = (scores.row(r).array() - lse[r]).exp();
+      exp_shifted_row(&scores.coeffRef(r, 0), scores.cols(), lse[r]);
     }
   }
 }
@@ -145,21 +174,62 @@ void probabilities_from_lse(Tile& scores, const Scalar* lse) {
 /// non-finite v there cannot leak into the gradient).
 template <class Tile, class DTile, class Delta>
 void softmax_backward(const Tile& probabilities, DTile& dscores, const Delta& delta) {
+  using Scalar = typename DTile::Scalar;
   for (Index r = 0; r < dscores.rows(); ++r) {
-    for (Index c = 0; c < dscores.cols(); ++c) {
-      const auto p = probabilities(r, c);
-      dscores(r, c) = p == 0 ? 0 : p * (dscores(r, c) - delta[r]);
-    }
+    const auto p = probabilities.row(r).array();
+    dscores.row(r).array() =
+        (p == Scalar(0)).select(Scalar(0), p * (dscores.row(r).array() - delta[r]));
   }
 }
 
-/// The streaming backward. `gradient` receives the encoder's parameter gradient (summed over
-/// the tasks in key/value-head order).
+/// What one backward call keeps from call to call, leased on the calling thread so that the
+/// steady state of a training loop allocates nothing: the softmax backward's row terms and one
+/// parameter-gradient accumulator per task.
+template <class Scalar, class Gradient>
+struct BackwardCallScratch {
+  Matrix<Scalar> delta;                  // [H, N]
+  std::vector<Gradient> task_gradients;  // [tasks], each shaped like the caller's gradient
+
+  /// D_r = dO_r · O_r for every (head, row).
+  const Matrix<Scalar>& row_deltas(const BackwardInputs<Scalar>& in, Index heads, Index queries) {
+    delta.resize(heads, queries);  // no allocation when the size is unchanged
+    for (Index h = 0; h < heads; ++h) {
+      delta.row(h) = (in.dout.head(h).array() * in.out.head(h).array()).rowwise().sum().transpose();
+    }
+    return delta;
+  }
+
+  /// `tasks` zeroed accumulators with the shapes of `like` (assignment between equal shapes
+  /// reuses the storage).
+  std::span<Gradient> zeroed_task_gradients(Index tasks, const Gradient& like) {
+    const auto count = static_cast<std::size_t>(tasks);
+    while (task_gradients.size() < count) task_gradients.push_back(like);
+    const std::span<Gradient> used(task_gradients.data(), count);
+    for (Gradient& g : used) {
+      g = like;
+      g.set_zero();
+    }
+    return used;
+  }
+};
+
+/// The streaming backward of an encoder with a ScoreMixer (kernel/backward_mixer.hpp).
+template <class Scalar, class Encoder>
+void stream_backward_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
+                           const BackwardInputs<Scalar>& in, const BackwardOutputs<Scalar>& grads,
+                           encoder_gradient_t<Encoder>& gradient);
+
+/// The streaming backward: writes dq, dk and dv, and adds the encoder's parameter gradient to
+/// `gradient` (one accumulator per task, summed in key/value-head order).
 template <class Scalar, class Encoder>
 void stream_backward(const AttentionProblem<Scalar>& p, const Encoder& encoder,
                      const BackwardInputs<Scalar>& in, const BackwardOutputs<Scalar>& grads,
                      encoder_gradient_t<Encoder>& gradient) {
   [[maybe_unused]] RequireDifferentiable<Encoder> differentiable;
+  if constexpr (ScoreMixer<Encoder>) {
+    stream_backward_mixed(p, encoder, in, grads, gradient);
+    return;
+  }
   using Gradient = encoder_gradient_t<Encoder>;
   const Index kv_heads = p.k.heads();
   const Index group = p.heads_per_kv_head;
@@ -170,32 +240,24 @@ void stream_backward(const AttentionProblem<Scalar>& p, const Encoder& encoder,
   }
   if (p.queries == 0 || p.keys == 0) return;
 
-  // D_r = dO_r · O_r for every (head, row): the softmax backward's row term.
-  Matrix<Scalar> delta(p.heads, p.queries);
-  for (Index h = 0; h < p.heads; ++h) {
-    delta.row(h) = (in.dout.head(h).array() * in.out.head(h).array()).rowwise().sum().transpose();
-  }
-
-  std::vector<Gradient> task_gradients;
-  task_gradients.reserve(static_cast<std::size_t>(kv_heads));
-  for (Index g = 0; g < kv_heads; ++g) {
-    if constexpr (HasLearnableParameters<Encoder>) {
-      task_gradients.push_back(encoder.zero_gradient());
-    } else {
-      task_gradients.push_back(Gradient{});
-    }
-  }
+  detail::ScratchLease<BackwardCallScratch<Scalar, Gradient>> call_lease;
+  BackwardCallScratch<Scalar, Gradient>& call = call_lease.get();
+  const Matrix<Scalar>& delta = call.row_deltas(in, p.heads, p.queries);
+  const std::span<Gradient> task_gradients = call.zeroed_task_gradients(kv_heads, gradient);
 
   const Index qb = p.query_block;
   const Index kb = p.key_block;
   const Index query_blocks = (p.queries + qb - 1) / qb;
   const Index key_blocks = (p.keys + kb - 1) / kb;
   const Index Dl = p.logit_dim;
+  const Index Dv = p.value_dim;
+  const Index pl = padded_width<Scalar>(Dl);  // row stride of Q̃, K̃, dQ̃, dK̃
+  const Index pv = padded_width<Scalar>(Dv);  // row stride of dO, dV
   detail::parallel_tasks(
       kv_heads, detail::thread_count(p.threads, kv_heads),
       [&] {
         detail::ScratchLease<BackwardWorkspace<Scalar>> lease;
-        lease.get().reserve(qb, kb, p.query_dim, Dl, p.value_dim);
+        lease.get().reserve(qb, kb, p.query_dim, Dl, Dv);
         return lease;
       },
       [&](Index g, detail::ScratchLease<BackwardWorkspace<Scalar>>& lease) {
@@ -204,22 +266,25 @@ void stream_backward(const AttentionProblem<Scalar>& p, const Encoder& encoder,
         for (Index kblock = 0; kblock < key_blocks; ++kblock) {
           const Index key_first = kblock * kb;
           const Index cols = std::min(kb, p.keys - key_first);
+          const Index pc = padded_width<Scalar>(cols);  // row stride of the score tiles
           const BlockExtent kext = key_extent(p, key_first, cols);
           fill_positions(p, false, key_first, cols, ws.key_positions);
           const Positions kpos(ws.key_positions.data(), static_cast<std::size_t>(cols));
           const Index centre = kpos[0];
-          auto keys = tile_of(ws.keys, cols, Dl);
+          // K̃ = T_k(k) (padded rows), then K̃ᵀ and Vᵀ packed for the Q̃·K̃ᵀ and dO·Vᵀ kernels.
+          std::fill(ws.keys.begin(), ws.keys.begin() + cols * pl, Scalar(0));
+          auto keys = strided_tile(ws.keys, cols, Dl, pl);
           const auto k_rows = p.k.head(g).middleRows(key_first, cols);
           if constexpr (QueryKeyTransform<Encoder>) {
             encoder.transform_keys(g, kpos, centre, k_rows, keys);
           } else {
             keys = k_rows;
           }
+          pack_transposed(ws.keys.data(), pl, cols, Dl, ws.keys_t.data(), pc);
           const auto values = p.v.head(g).middleRows(key_first, cols);
-          auto dkeys = tile_of(ws.dkeys, cols, Dl);
-          auto dvalues = tile_of(ws.dvalues, cols, p.value_dim);
-          dkeys.setZero();
-          dvalues.setZero();
+          pack_transposed(values.data(), values.outerStride(), cols, Dv, ws.values_t.data(), pc);
+          std::fill(ws.dkeys.begin(), ws.dkeys.begin() + cols * pl, Scalar(0));
+          std::fill(ws.dvalues.begin(), ws.dvalues.begin() + cols * pv, Scalar(0));
           bool touched = false;
           for (Index h = g * group; h < (g + 1) * group; ++h) {
             for (Index qblock = 0; qblock < query_blocks; ++qblock) {
@@ -232,15 +297,18 @@ void stream_backward(const AttentionProblem<Scalar>& p, const Encoder& encoder,
               fill_positions(p, true, first, rows, ws.query_positions);
               const Positions qpos(ws.query_positions.data(), static_cast<std::size_t>(rows));
               const auto q_rows = p.q.head(h).middleRows(first, rows);
-              auto queries = tile_of(ws.queries, rows, Dl);
+              std::fill(ws.queries.begin(), ws.queries.begin() + rows * pl, Scalar(0));
+              auto queries = strided_tile(ws.queries, rows, Dl, pl);
               if constexpr (QueryKeyTransform<Encoder>) {
                 encoder.transform_queries(h, qpos, centre, q_rows, queries);
                 queries *= p.scale;
               } else {
                 queries.noalias() = p.scale * q_rows;
               }
-              auto scores = tile_of(ws.scores, rows, cols);
-              scores.noalias() = queries * keys.transpose();
+              // S = Q̃·K̃ᵀ + B, masked; then P = exp(S − lse).
+              auto scores = strided_tile(ws.scores, rows, cols, pc);
+              tile_logits(ws.queries.data(), pl, rows, Dl, ws.keys_t.data(), pc, cols,
+                          ws.scores.data(), pc);
               if constexpr (RelativeKeyValue<Encoder>) {
                 encoder.add_relative_logits(h, qpos, kpos, queries, scores);
               }
@@ -255,28 +323,40 @@ void stream_backward(const AttentionProblem<Scalar>& p, const Encoder& encoder,
                 apply_mask<Scalar>(p.mask, qpos, kpos, p.key_positions.empty(), qseg, kseg, scores);
               }
               probabilities_from_lse<Scalar>(scores, in.lse.row(h).data() + first);
-              const auto dout = in.dout.head(h).middleRows(first, rows);
-              dvalues.noalias() += scores.transpose() * dout;
-              auto dscores = tile_of(ws.dscores, rows, cols);
-              dscores.noalias() = dout * values.transpose();
+              // dO in padded rows: the "values" of dV += Pᵀ·dO and the "queries" of dP = dO·Vᵀ.
+              const auto dout_rows = in.dout.head(h).middleRows(first, rows);
+              auto dout = strided_tile(ws.dout, rows, pv, pv);
+              dout.leftCols(Dv) = dout_rows;
+              dout.rightCols(pv - Dv).setZero();
+              tile_accumulate<Scalar, true>(ws.scores.data(), pc, cols, rows, ws.dout.data(), pv,
+                                            pv, ws.dvalues.data(), pv);
+              // dP = dO·Vᵀ (+ Shaw's value term), then dS = P ∘ (dP − D).
+              auto dscores = strided_tile(ws.dscores, rows, cols, pc);
+              tile_logits(ws.dout.data(), pv, rows, Dv, ws.values_t.data(), pc, cols,
+                          ws.dscores.data(), pc);
               if constexpr (RelativeKeyValue<Encoder>) {
-                encoder.add_relative_value_scores(h, qpos, kpos, dout, dscores);
+                encoder.add_relative_value_scores(h, qpos, kpos, dout_rows, dscores);
               }
               softmax_backward(scores, dscores, delta.row(h).segment(first, rows));
               if constexpr (LearnableScoreBias<Encoder>) {
                 encoder.accumulate_bias_gradient(h, qpos, kpos, dscores, task_gradient);
               }
-              dkeys.noalias() += dscores.transpose() * queries;
-              auto dqueries = tile_of(ws.dqueries, rows, Dl);
-              dqueries.noalias() = dscores * keys;
+              // dK̃ += dSᵀ·Q̃;  dQ̃ = dS·K̃ (+ Shaw's key term). The transposed products read P
+              // and dS column-wise (tile_accumulate<…, true>): no transpose is formed.
+              tile_accumulate<Scalar, true>(ws.dscores.data(), pc, cols, rows, ws.queries.data(),
+                                            pl, pl, ws.dkeys.data(), pl);
+              std::fill(ws.dqueries.begin(), ws.dqueries.begin() + rows * pl, Scalar(0));
+              tile_accumulate(ws.dscores.data(), pc, rows, cols, ws.keys.data(), pl, pl,
+                              ws.dqueries.data(), pl);
+              auto dqueries = strided_tile(ws.dqueries, rows, Dl, pl);
               if constexpr (RelativeKeyValue<Encoder>) {
                 encoder.add_relative_query_gradient(h, qpos, kpos, dscores, dqueries);
-                encoder.accumulate_relative_gradient(h, qpos, kpos, queries, dscores, scores, dout,
-                                                     task_gradient);
+                encoder.accumulate_relative_gradient(h, qpos, kpos, queries, dscores, scores,
+                                                     dout_rows, task_gradient);
               }
               dqueries *= p.scale;
               if constexpr (QueryKeyTransform<Encoder>) {
-                auto back = tile_of(ws.dq_rows, rows, p.query_dim);
+                auto back = ws.dq_rows.topRows(rows);
                 kernel::transform_queries_backward(encoder, h, qpos, centre, q_rows, dqueries, back,
                                                    task_gradient);
                 grads.dq.head(h).middleRows(first, rows) += back;
@@ -286,18 +366,22 @@ void stream_backward(const AttentionProblem<Scalar>& p, const Encoder& encoder,
             }
           }
           if (!touched) continue;
+          const auto dkeys = strided_tile(ws.dkeys, cols, Dl, pl);
           if constexpr (QueryKeyTransform<Encoder>) {
-            auto back = tile_of(ws.dq_rows, cols, p.query_dim);
+            auto back = ws.dq_rows.topRows(cols);
             kernel::transform_keys_backward(encoder, g, kpos, centre, k_rows, dkeys, back,
                                             task_gradient);
             grads.dk.head(g).middleRows(key_first, cols) = back;
           } else {
             grads.dk.head(g).middleRows(key_first, cols) = dkeys;
           }
-          grads.dv.head(g).middleRows(key_first, cols) = dvalues;
+          grads.dv.head(g).middleRows(key_first, cols) = strided_tile(ws.dvalues, cols, Dv, pv);
         }
       });
   for (Gradient& task_gradient : task_gradients) gradient += task_gradient;
 }
 
 }  // namespace posenc::kernel
+
+// The ScoreMixer backward builds on the pieces above.
+#include "posenc/kernel/backward_mixer.hpp"

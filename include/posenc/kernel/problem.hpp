@@ -162,6 +162,16 @@ std::pair<const void*, const void*> address_range(const HeadsView<Scalar>& view)
   return {view.data(), last};
 }
 
+/// Whether two views' address ranges intersect (so interleaved non-overlapping layouts in one
+/// buffer count as overlapping: the check is on ranges, not elements).
+template <class A, class B>
+bool views_overlap(const HeadsView<A>& a, const HeadsView<B>& b) {
+  const auto [a_first, a_last] = address_range(a);
+  const auto [b_first, b_last] = address_range(b);
+  return a_first != nullptr && b_first != nullptr && std::less<const void*>()(a_first, b_last) &&
+         std::less<const void*>()(b_first, a_last);
+}
+
 template <class Scalar>
 void require_output_shape(const char* fn, const HeadsView<Scalar>& out,
                           const AttentionProblem<Scalar>& p) {
@@ -170,15 +180,10 @@ void require_output_shape(const char* fn, const HeadsView<Scalar>& out,
                   "] but must be [", p.heads, ", ", p.queries, ", ", p.value_dim, "]");
   // out is written while q, k and v are still read: it may share no memory with them (checked
   // on address ranges, so interleaved non-overlapping layouts in one buffer are refused too).
-  const auto [out_first, out_last] = address_range(out);
   const std::pair<const char*, HeadsView<const Scalar>> inputs[] = {
       {"q", p.q}, {"k", p.k}, {"v", p.v}};
   for (const auto& [name, input] : inputs) {
-    const auto [first, last] = address_range(input);
-    detail::require(out_first == nullptr || first == nullptr ||
-                        !(std::less<const void*>()(out_first, last) &&
-                          std::less<const void*>()(first, out_last)),
-                    fn, "out shares memory with ", name,
+    detail::require(!views_overlap(out, input), fn, "out shares memory with ", name,
                     " (out must not alias q, k or v: the kernel reads them while it writes out)");
   }
 }

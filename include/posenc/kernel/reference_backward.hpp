@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The materialising oracle's backward: every N × M probability matrix formed by the forward
-// oracle, then the chain rule written out plainly. Slow on purpose: the streaming backward is
-// tested against it (and it against PyTorch autograd and finite differences).
+// oracle, then the chain rule written out plainly (with a ScoreMixer: all heads' N × M logits and
+// one mix_backward over them). Slow on purpose: the streaming backward is tested against it (and
+// it against PyTorch autograd and finite differences).
 // IWYU pragma: private, include "posenc/attention_backward.hpp"
 #pragma once
 
@@ -16,6 +17,61 @@
 
 namespace posenc::kernel {
 
+/// reference_backward for an encoder with a ScoreMixer: the logits A_h = (scale·q_h)·k_gᵀ of
+/// every head over all N × M pairs, dS_h = P_h ∘ (dP_h − D) per head as below, then one
+/// mix_backward over the whole matrix (all heads) for dA and the parameter gradient:
+///   dq_h = scale·dA_h·k_g,  dk_g += dA_hᵀ·(scale·q_h),  dV_g += P_hᵀ·dO_h.
+template <class Scalar, class Encoder>
+void reference_backward_mixed(const AttentionProblem<Scalar>& p, const Encoder& encoder,
+                              HeadsView<const Scalar> dout, const BackwardOutputs<Scalar>& grads,
+                              encoder_gradient_t<Encoder>& gradient) {
+  const Index N = p.queries;
+  const Index M = p.keys;
+  const Index H = p.heads;
+  for (Index h = 0; h < H; ++h) grads.dq.head(h).setZero();
+  for (Index g = 0; g < p.k.heads(); ++g) {
+    grads.dk.head(g).setZero();
+    grads.dv.head(g).setZero();
+  }
+  if (N == 0 || M == 0) return;
+  const std::vector<Matrix<Scalar>> weights = reference_weights(p, encoder);
+  std::vector<Index> qpos(static_cast<std::size_t>(N));
+  std::vector<Index> kpos(static_cast<std::size_t>(M));
+  fill_positions(p, true, 0, N, qpos);
+  fill_positions(p, false, 0, M, kpos);
+  using Map = Eigen::Map<Matrix<Scalar>>;
+  Matrix<Scalar> logits(H, N * M);
+  Matrix<Scalar> dscores(H, N * M);
+  for (Index h = 0; h < H; ++h) {
+    const Index g = p.kv_head(h);
+    const Matrix<Scalar> queries = p.scale * p.q.head(h);
+    Map(logits.row(h).data(), N, M) = queries * p.k.head(g).transpose();
+    const Matrix<Scalar>& P = weights[static_cast<std::size_t>(h)];
+    const Matrix<Scalar> dO = dout.head(h);
+    grads.dv.head(g) += P.transpose() * dO;
+    const Matrix<Scalar> dP = dO * p.v.head(g).transpose();
+    Map dS(dscores.row(h).data(), N, M);
+    dS.setZero();
+    for (Index r = 0; r < N; ++r) {
+      Scalar delta = 0;
+      for (Index c = 0; c < M; ++c) {
+        if (allows(p, r, c)) delta += P(r, c) * dP(r, c);
+      }
+      for (Index c = 0; c < M; ++c) {
+        if (allows(p, r, c) && P(r, c) != 0) dS(r, c) = P(r, c) * (dP(r, c) - delta);
+      }
+    }
+  }
+  Matrix<Scalar> dlogits(H, N * M);
+  encoder.mix_backward(Positions(qpos), Positions(kpos), 0, M, logits, dscores, dlogits, gradient);
+  for (Index h = 0; h < H; ++h) {
+    const Index g = p.kv_head(h);
+    const Map dA(dlogits.row(h).data(), N, M);
+    grads.dq.head(h) = p.scale * (dA * p.k.head(g));
+    grads.dk.head(g) += dA.transpose() * (p.scale * p.q.head(h));
+  }
+}
+
 /// Gradients of L = Σ dout ∘ attention(q, k, v) with respect to q, k, v and the encoder's
 /// parameters, for head h (key/value head g) with Q̃ = scale·T_q(q), K̃ = T_k(k) at centre
 /// qpos[0] (as reference_scores), P the oracle's probabilities:
@@ -27,6 +83,10 @@ void reference_backward(const AttentionProblem<Scalar>& p, const Encoder& encode
                         HeadsView<const Scalar> dout, const BackwardOutputs<Scalar>& grads,
                         encoder_gradient_t<Encoder>& gradient) {
   [[maybe_unused]] RequireDifferentiable<Encoder> differentiable;
+  if constexpr (ScoreMixer<Encoder>) {
+    reference_backward_mixed(p, encoder, dout, grads, gradient);
+    return;
+  }
   const Index N = p.queries;
   const Index M = p.keys;
   for (Index h = 0; h < p.heads; ++h) grads.dq.head(h).setZero();

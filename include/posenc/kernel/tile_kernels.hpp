@@ -28,11 +28,11 @@ template <class Scalar>
 struct TileKernelTraits : detail::SimdPacket<Scalar> {
   using detail::SimdPacket<Scalar>::many_registers;
   /// Q·Kᵀ: logits_rows query rows × logits_packets packets of keys per step.
-  static constexpr int logits_rows = many_registers ? 8 : 4;
+  static constexpr int logits_rows = many_registers ? 8 : 6;
   static constexpr int logits_packets = 2;
   /// P·V: output_rows rows × up to output_packets packets of the value width per step.
-  static constexpr int output_rows = many_registers ? 6 : 2;
-  static constexpr int output_packets = 4;
+  static constexpr int output_rows = many_registers ? 6 : 4;
+  static constexpr int output_packets = many_registers ? 4 : 3;
 };
 
 /// Per-row column ranges of a tile that may hold non-zero work: row r needs columns
@@ -190,7 +190,8 @@ void tile_logits(const Scalar* queries, Index ldq, Index rows, Index depth, cons
 }
 
 /// One step of tile_accumulate: NP packets of the output width starting at column `col`.
-template <class Scalar, int NP>
+/// Transposed: the weights are read as weights(c, r) (the kernel computes Wᵀ·values).
+template <class Scalar, int NP, bool Transposed = false>
 void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols,
                         const Scalar* values_p, Index ldv, Scalar* output, Index ldo, Index col,
                         ColumnLimits limits) {
@@ -199,9 +200,12 @@ void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols
   using namespace Eigen::internal;
   constexpr int MR = Traits::output_rows;
   constexpr Index W = Traits::width;
+  // Weight (row r, column c) sits at p[i][c · step] for r = r0 + i.
+  const Index row_stride = Transposed ? 1 : ldw;
+  const Index step = Transposed ? ldw : 1;
   for (Index r0 = 0; r0 < rows; r0 += MR) {
     const Scalar* p[MR];
-    for (int i = 0; i < MR; ++i) p[i] = weights + std::min<Index>(r0 + i, rows - 1) * ldw;
+    for (int i = 0; i < MR; ++i) p[i] = weights + std::min<Index>(r0 + i, rows - 1) * row_stride;
     const Index active_rows = std::min<Index>(MR, rows - r0);
     const auto [first_c, last_c] = limits.span(r0, active_rows, cols);
     Packet acc[MR][NP];
@@ -214,7 +218,7 @@ void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols
       Packet vp[NP];
       for (int j = 0; j < NP; ++j) vp[j] = ploadu<Packet>(v + j * W);
       for (int i = 0; i < MR; ++i) {
-        const Packet pi = pset1<Packet>(p[i][c]);
+        const Packet pi = pset1<Packet>(p[i][c * step]);
         for (int j = 0; j < NP; ++j) acc[i][j] = pmadd(pi, vp[j], acc[i][j]);
       }
     }
@@ -229,8 +233,10 @@ void accumulate_columns(const Scalar* weights, Index ldw, Index rows, Index cols
 /// output(r, :) += Σ_c weights(r, c) · values_p(c, :) for r < rows, c < cols.
 /// weights: rows × cols (row stride ldw); values_p: cols × width (row stride ldv); output: rows ×
 /// width (row stride ldo); width is a multiple of the packet width (padded). With `limits`, the
-/// weights outside a row's range must be 0 (they are not read).
-template <class Scalar>
+/// weights outside a row's range must be 0 (they are not read). Transposed: weights is cols ×
+/// rows (row stride ldw) and output(r, :) += Σ_c weights(c, r) · values_p(c, :), i.e. the
+/// backward's Pᵀ·dO and dSᵀ·Q̃ without forming the transpose.
+template <class Scalar, bool Transposed = false>
 void tile_accumulate(const Scalar* weights, Index ldw, Index rows, Index cols,
                      const Scalar* values_p, Index ldv, Index width, Scalar* output, Index ldo,
                      ColumnLimits limits = {}) {
@@ -239,21 +245,21 @@ void tile_accumulate(const Scalar* weights, Index ldw, Index rows, Index cols,
   constexpr int NP = Traits::output_packets;
   Index col = 0;
   for (; col + NP * W <= width; col += NP * W) {
-    accumulate_columns<Scalar, NP>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
-                                   limits);
+    accumulate_columns<Scalar, NP, Transposed>(weights, ldw, rows, cols, values_p, ldv, output, ldo,
+                                               col, limits);
   }
   switch ((width - col) / W) {
     case 3:
-      accumulate_columns<Scalar, 3>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
-                                    limits);
+      accumulate_columns<Scalar, 3, Transposed>(weights, ldw, rows, cols, values_p, ldv, output,
+                                                ldo, col, limits);
       break;
     case 2:
-      accumulate_columns<Scalar, 2>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
-                                    limits);
+      accumulate_columns<Scalar, 2, Transposed>(weights, ldw, rows, cols, values_p, ldv, output,
+                                                ldo, col, limits);
       break;
     case 1:
-      accumulate_columns<Scalar, 1>(weights, ldw, rows, cols, values_p, ldv, output, ldo, col,
-                                    limits);
+      accumulate_columns<Scalar, 1, Transposed>(weights, ldw, rows, cols, values_p, ldv, output,
+                                                ldo, col, limits);
       break;
     default:
       break;
@@ -264,11 +270,16 @@ void tile_accumulate(const Scalar* weights, Index ldw, Index rows, Index cols,
 /// (the packet of the compile flags: AVX-512, AVX2, SSE, NEON, or scalar std::exp without SIMD),
 /// with every x below the smallest normal result (−inf included) mapped to exactly 0 — Eigen
 /// clamps its argument, so exp(−inf) would otherwise be the smallest normal number.
+/// ln of the smallest normal Scalar: below it softmax_exp gives exactly 0. Computed once (a call
+/// to std::log per packet cost 3 % of the backward).
+template <class Scalar>
+inline const Scalar log_smallest_normal = std::log(std::numeric_limits<Scalar>::min());
+
 template <class Packet>
 Packet softmax_exp(const Packet& x) {
   using namespace Eigen::internal;
   using Scalar = typename unpacket_traits<Packet>::type;
-  const Packet lowest = pset1<Packet>(std::log(std::numeric_limits<Scalar>::min()));
+  const Packet lowest = pset1<Packet>(log_smallest_normal<Scalar>);
   // NaN passes through (x == x is false only for NaN): a NaN score must reach the row's sum.
   return pselect(pcmp_eq(x, x), pselect(pcmp_lt(x, lowest), pset1<Packet>(Scalar(0)), pexp(x)), x);
 }
@@ -331,7 +342,7 @@ Scalar exp_shifted_row(Scalar* row, Index count, Scalar max) {
   Scalar total = sum_lanes(sum);
   for (; c < count; ++c) {
     const Scalar x = row[c] - max;
-    row[c] = x < std::log(std::numeric_limits<Scalar>::min()) ? Scalar(0) : std::exp(x);
+    row[c] = x < log_smallest_normal<Scalar> ? Scalar(0) : std::exp(x);
     total += row[c];
   }
   return total;
