@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstddef>
+#include <optional>
 #include <vector>
 
 #include "posenc/encoding.hpp"
@@ -16,6 +17,33 @@
 #include "posenc/tensor.hpp"
 
 namespace posenc::kernel {
+
+/// What both oracle backwards start from: the oracle's probabilities P_h [N, M] and every
+/// query and key position.
+template <class Scalar>
+struct ReferencePass {
+  std::vector<Matrix<Scalar>> weights;
+  std::vector<Index> qpos, kpos;
+};
+
+/// Zeroes dq, dk, dv; the pass, or nothing when there are no queries or no keys.
+template <class Scalar, class Encoder>
+std::optional<ReferencePass<Scalar>> start_reference_backward(
+    const AttentionProblem<Scalar>& p, const Encoder& encoder,
+    const BackwardOutputs<Scalar>& grads) {
+  for (Index h = 0; h < p.heads; ++h) grads.dq.head(h).setZero();
+  for (Index g = 0; g < p.k.heads(); ++g) {
+    grads.dk.head(g).setZero();
+    grads.dv.head(g).setZero();
+  }
+  if (p.queries == 0 || p.keys == 0) return std::nullopt;
+  ReferencePass<Scalar> pass{reference_weights(p, encoder),
+                             std::vector<Index>(static_cast<std::size_t>(p.queries)),
+                             std::vector<Index>(static_cast<std::size_t>(p.keys))};
+  fill_positions(p, true, 0, p.queries, pass.qpos);
+  fill_positions(p, false, 0, p.keys, pass.kpos);
+  return pass;
+}
 
 /// reference_backward for an encoder with a ScoreMixer: the logits A_h = (scale·q_h)·k_gᵀ of
 /// every head over all N × M pairs, dS_h = P_h ∘ (dP_h − D) per head as below, then one
@@ -28,17 +56,9 @@ void reference_backward_mixed(const AttentionProblem<Scalar>& p, const Encoder& 
   const Index N = p.queries;
   const Index M = p.keys;
   const Index H = p.heads;
-  for (Index h = 0; h < H; ++h) grads.dq.head(h).setZero();
-  for (Index g = 0; g < p.k.heads(); ++g) {
-    grads.dk.head(g).setZero();
-    grads.dv.head(g).setZero();
-  }
-  if (N == 0 || M == 0) return;
-  const std::vector<Matrix<Scalar>> weights = reference_weights(p, encoder);
-  std::vector<Index> qpos(static_cast<std::size_t>(N));
-  std::vector<Index> kpos(static_cast<std::size_t>(M));
-  fill_positions(p, true, 0, N, qpos);
-  fill_positions(p, false, 0, M, kpos);
+  const auto pass = start_reference_backward(p, encoder, grads);
+  if (!pass) return;
+  const auto& [weights, qpos, kpos] = *pass;
   using Map = Eigen::Map<Matrix<Scalar>>;
   Matrix<Scalar> logits(H, N * M);
   Matrix<Scalar> dscores(H, N * M);
@@ -89,17 +109,9 @@ void reference_backward(const AttentionProblem<Scalar>& p, const Encoder& encode
   }
   const Index N = p.queries;
   const Index M = p.keys;
-  for (Index h = 0; h < p.heads; ++h) grads.dq.head(h).setZero();
-  for (Index g = 0; g < p.k.heads(); ++g) {
-    grads.dk.head(g).setZero();
-    grads.dv.head(g).setZero();
-  }
-  if (N == 0 || M == 0) return;
-  const std::vector<Matrix<Scalar>> weights = reference_weights(p, encoder);
-  std::vector<Index> qpos(static_cast<std::size_t>(N));
-  std::vector<Index> kpos(static_cast<std::size_t>(M));
-  fill_positions(p, true, 0, N, qpos);
-  fill_positions(p, false, 0, M, kpos);
+  const auto pass = start_reference_backward(p, encoder, grads);
+  if (!pass) return;
+  const auto& [weights, qpos, kpos] = *pass;
   const Index centre = qpos[0];
   for (Index h = 0; h < p.heads; ++h) {
     const Index g = p.kv_head(h);
